@@ -25,10 +25,6 @@ import jax.numpy as jnp
 from jax_moe_dispatch.backends.base import DispatchHandle
 
 
-def _axis_size(axis_name: str) -> int:
-  return jax.lax.axis_size(axis_name)
-
-
 def layout(
     dest_mask: jax.Array, *, axis_name: str, max_recv: int
 ) -> tuple[DispatchHandle, jax.Array, jax.Array]:
@@ -41,7 +37,6 @@ def layout(
     dropped (-1 where not sent). ``recv_start`` is ``[R]``, the first row of
     each source's rows in this rank's receive buffer.
   """
-  num_tokens, num_ranks = dest_mask.shape
   me = jax.lax.axis_index(axis_name)
   mask = dest_mask.astype(jnp.int32)
   send_pos_raw = jnp.where(dest_mask, jnp.cumsum(mask, axis=0) - 1, -1)
@@ -59,7 +54,6 @@ def layout(
       recv_count=recv_count.astype(jnp.int32),
       recv_token=jnp.full((max_recv,), -1, jnp.int32),
   )
-  del num_tokens, num_ranks
   return handle, send_pos_raw, recv_start
 
 

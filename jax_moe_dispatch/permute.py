@@ -1,0 +1,98 @@
+"""Local permutation of received rows into expert-major groups (no communication).
+
+The layout (DESIGN §3): rows are grouped by local expert ``0..L-1``; group
+``e`` holds every received row routed to ``e``, in receive order (so by source
+rank, then source token), and is padded with zero rows to a multiple of
+``pad_multiple``. The permuted buffer has a static ``num_rows``; rows that
+would land at or past it are dropped (the last experts' last rows first).
+``tokens_per_expert[e]`` is the padded size of group ``e`` as written (clipped
+at ``num_rows``), ready for :func:`jax.lax.ragged_dot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Permutation:
+  """Where received rows go in the expert-major buffer.
+
+  Attributes:
+    perm_row: ``[M, L]`` int32: the permuted row of (receive row ``i``, local
+      expert ``e``), or -1 where ``i`` is not routed to ``e`` or was dropped.
+    src_row: ``[N]`` int32: the receive row each permuted row comes from, -1
+      for padding rows.
+    tokens_per_expert: ``[L]`` int32: rows of each group, padding included.
+  """
+
+  perm_row: jax.Array
+  src_row: jax.Array
+  tokens_per_expert: jax.Array
+
+  @property
+  def num_rows(self) -> int:
+    return self.src_row.shape[0]
+
+
+def max_permuted_rows(max_recv: int, num_local_experts: int, topk: int, pad_multiple: int) -> int:
+  """Worst-case permuted rows: every received row on ``min(topk, L)`` experts, plus padding."""
+  rows = max_recv * min(topk, num_local_experts)
+  return rows + num_local_experts * (pad_multiple - 1)
+
+
+def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1) -> Permutation:
+  """Build the permutation from a received multi-hot map.
+
+  Args:
+    local_map: ``[M, L]`` bool, row ``i`` routed to local expert ``e``;
+      padding rows must be all False.
+    num_rows: ``N``, static rows of the permuted buffer.
+    pad_multiple: group sizes are rounded up to a multiple of this.
+  """
+  num_recv, num_local = local_map.shape
+  hits = local_map.astype(jnp.int32)
+  counts = hits.sum(axis=0)
+  padded = (counts + pad_multiple - 1) // pad_multiple * pad_multiple
+  starts = jnp.cumsum(padded) - padded
+  rank_in_group = jnp.cumsum(hits, axis=0) - 1
+  perm_row = starts[None, :] + rank_in_group
+  perm_row = jnp.where(local_map & (perm_row < num_rows), perm_row, -1).astype(jnp.int32)
+  rows = jnp.broadcast_to(jnp.arange(num_recv, dtype=jnp.int32)[:, None], perm_row.shape)
+  target = jnp.where(perm_row >= 0, perm_row, num_rows)
+  src_row = jnp.full((num_rows,), -1, jnp.int32).at[target].set(rows, mode="drop")
+  tokens_per_expert = jnp.clip(starts + padded, 0, num_rows) - jnp.clip(starts, 0, num_rows)
+  return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32))
+
+
+def permute(rows: jax.Array, perm: Permutation) -> jax.Array:
+  """``[M, ...]`` received rows -> ``[N, ...]`` expert-major rows (padding zero)."""
+  src = perm.src_row
+  out = rows[jnp.clip(src, 0)]
+  keep = (src >= 0).reshape((-1,) + (1,) * (rows.ndim - 1))
+  return jnp.where(keep, out, jnp.zeros((), rows.dtype))
+
+
+def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
+  """``[M, L]`` per-(row, expert) values -> ``[N]`` values of the permuted rows."""
+  flat = jnp.zeros((perm.num_rows,), values.dtype)
+  target = jnp.where(perm.perm_row >= 0, perm.perm_row, perm.num_rows)
+  return flat.at[target].set(values, mode="drop")
+
+
+def unpermute(rows: jax.Array, perm: Permutation, num_recv: int) -> jax.Array:
+  """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32."""
+  acc = jnp.zeros((num_recv,) + rows.shape[1:], jnp.float32)
+  src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
+  acc = acc.at[src].add(rows.astype(jnp.float32), mode="drop")
+  return acc.astype(rows.dtype)
+
+
+def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
+  """``[N]`` values -> ``[M, L]`` at each (row, expert), 0 where unrouted."""
+  got = values[jnp.clip(perm.perm_row, 0)]
+  return jnp.where(perm.perm_row >= 0, got, jnp.zeros((), values.dtype))
