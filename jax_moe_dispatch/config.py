@@ -90,10 +90,11 @@ class TokenDispatcherConfig:
       _check_positive_int("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple)
     if self.moe_expert_capacity_factor is not None and not (
         isinstance(self.moe_expert_capacity_factor, (int, float))
+        and math.isfinite(self.moe_expert_capacity_factor)
         and self.moe_expert_capacity_factor > 0
     ):
       raise ValueError(
-          "moe_expert_capacity_factor must be None or a positive number, got "
+          "moe_expert_capacity_factor must be None or a finite positive number, got "
           f"{self.moe_expert_capacity_factor!r}."
       )
     if self.max_recv_tokens is not None:

@@ -26,9 +26,10 @@ def quantize_fp8(x: jax.Array, block: int = FP8_BLOCK) -> tuple[jax.Array, jax.A
   return q.reshape(num_tokens, num_blocks * block)[:, :hidden], scales
 
 
-def dequantize_fp8(rows: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+def dequantize_fp8(
+    rows: jax.Array, scales: jax.Array, dtype=jnp.bfloat16, block: int = FP8_BLOCK
+) -> jax.Array:
   """Inverse of :func:`quantize_fp8`: ``rows * scales`` broadcast over each block."""
-  num_tokens, hidden = rows.shape
-  block = -(-hidden // scales.shape[1])
+  hidden = rows.shape[1]
   expanded = jnp.repeat(scales, block, axis=1)[:, :hidden]
   return (rows.astype(jnp.float32) * expanded).astype(dtype)

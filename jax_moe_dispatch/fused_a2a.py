@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_moe_dispatch import permute as _perm
 from jax_moe_dispatch.backends import DispatchHandle, get_backend
@@ -71,8 +72,11 @@ def _check_rows(x: Rows, what: str) -> tuple[jax.Array, Optional[jax.Array]]:
     raise TypeError(f"{what} must be a jax.Array, got {type(x).__name__}.")
   if x.ndim != 2:
     raise ValueError(f"{what} must be [T, H], got shape {x.shape}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{what} must be floating (bf16/f16/f32, or FP8 with scales), got {x.dtype}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == FP8_DTYPE:
+    raise TypeError(
+        f"{what} must be floating (bf16/f16/f32), or an FP8 pair (rows, scales), got {x.dtype}. "
+        "Fix: pass jax_moe_dispatch.quantize_fp8(x) for FP8."
+    )
   return x, None
 
 
@@ -96,14 +100,11 @@ def _check_max_recv(max_recv: Optional[int], num_tokens: int, ep: int) -> int:
 
 
 def _routing_check(token_indices: jax.Array, num_experts: int) -> None:
-  """Indices >= num_experts cannot be caught at trace time when traced; check constants."""
+  """Check index range when the indices are concrete (traced ones cannot be checked)."""
   try:
-    values = jax.core.concrete_or_error(None, token_indices)
-  except Exception:  # Traced: nothing to check statically.
+    values = np.asarray(token_indices)
+  except jax.errors.TracerArrayConversionError:
     return
-  import numpy as np
-
-  values = np.asarray(values)
   if values.size and (values.max() >= num_experts or values.min() < -1):
     raise ValueError(
         f"token_indices must lie in [-1, {num_experts}); got values in "
@@ -319,13 +320,13 @@ def _hybrid_dispatch_bwd(num_local, axis_name, max_recv, num_rows, pad_multiple,
   perm, dh = handle.permutation, handle.dispatch
   ep = _axis_size(axis_name)
   me = jax.lax.axis_index(axis_name)
-  combine_dtype = jnp.float32 if g_x.dtype == FP8_DTYPE else g_x.dtype
-  g_rows = _perm.unpermute(g_x.astype(combine_dtype), perm, dh.max_recv)
+  g_rows = _perm.unpermute(g_x, perm, dh.max_recv, dtype=jnp.float32)
   grad_x = backend.combine(g_rows, dh, axis_name=axis_name).astype(g_x.dtype)
   grad_scales = None
   if g_scales is not None:
-    grad_scales = backend.combine(_perm.unpermute(g_scales, perm, dh.max_recv), dh,
-                                  axis_name=axis_name)
+    grad_scales = backend.combine(
+        _perm.unpermute(g_scales, perm, dh.max_recv, dtype=jnp.float32), dh, axis_name=axis_name
+    )
   # Probabilities: place this rank's [M, L] block at its columns of [M, E] so
   # that the cross-rank sum lands every gradient in its own column.
   g_local = _perm.unpermute_values(g_probs, perm)  # [M, L]
@@ -411,8 +412,11 @@ def hybrid_ep_dispatch(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _hybrid_combine(x, handle, axis_name, implementation):
-  rows = _perm.unpermute(x, handle.permutation, handle.dispatch.max_recv)
-  return get_backend(implementation).combine(rows, handle.dispatch, axis_name=axis_name)
+  # The per-rank sum over local experts stays float32 through the cross-rank
+  # combine, so each token is rounded to x.dtype once.
+  rows = _perm.unpermute(x, handle.permutation, handle.dispatch.max_recv, dtype=jnp.float32)
+  out = get_backend(implementation).combine(rows, handle.dispatch, axis_name=axis_name)
+  return out.astype(x.dtype)
 
 
 def _hybrid_combine_fwd(x, handle, axis_name, implementation):

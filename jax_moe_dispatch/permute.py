@@ -84,12 +84,15 @@ def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
   return flat.at[target].set(values, mode="drop")
 
 
-def unpermute(rows: jax.Array, perm: Permutation, num_recv: int) -> jax.Array:
-  """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32."""
+def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> jax.Array:
+  """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32.
+
+  The result has ``dtype`` (default: that of ``rows``).
+  """
   acc = jnp.zeros((num_recv,) + rows.shape[1:], jnp.float32)
   src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
   acc = acc.at[src].add(rows.astype(jnp.float32), mode="drop")
-  return acc.astype(rows.dtype)
+  return acc.astype(rows.dtype if dtype is None else dtype)
 
 
 def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
