@@ -1,0 +1,127 @@
+"""The benchmark CLI on CPU: tiny settings, every op checked, CSV rows as expected.
+
+Each test runs ``python -m jax_moe_dispatch.bench`` in a subprocess so that it
+gets its own emulated CPU devices whatever this process's JAX was set up with.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--impl", "reference", "--tokens", "64", "--hidden", "128", "--experts", "16", "--topk", "2",
+        "--iters", "2", "--reps", "2", "--host-iters", "2", "--warmup", "1"]
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _run(args, code=None, timeout=600):
+  cmd = [sys.executable, "-m", "jax_moe_dispatch.bench", *args] if code is None else \
+        [sys.executable, "-c", code, *args]
+  return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _read_csv(path):
+  with open(path) as f:
+    lines = f.read().splitlines()
+  header = [l[2:] for l in lines if l.startswith("# ")]
+  rows = list(csv.DictReader(l for l in lines if not l.startswith("#")))
+  return header, rows
+
+
+def test_help():
+  res = _run(["--help"])
+  assert res.returncode == 0, res.stderr
+  for flag in ("--tokens", "--hidden-sweep", "--ep", "--impl", "--ops", "--fp8", "--num-sms",
+               "--iters", "--csv", "--plot", "--time-budget"):
+    assert flag in res.stdout
+
+
+@pytest.mark.slow
+def test_cpu_tiny_run(tmp_path):
+  out = tmp_path / "bench.csv"
+  res = _run([*TINY, "--ep", "2,4", "--csv", str(out), "--plot", str(tmp_path / "bench.png")])
+  assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+  text = res.stdout
+  for want in ("device: 4 x cpu", "jax: ", "command: python -m jax_moe_dispatch.bench", "==== RESULTS ====",
+               "ragged baseline skipped on CPU", "status OK"):
+    assert want in text, want
+  header, rows = _read_csv(out)
+  assert any(h.startswith("date: ") for h in header)
+  assert any(h.startswith("command: ") and "--ep 2,4" in h for h in header)
+  got = {(r["op"], r["impl"], r["dtype"], int(r["ep"]), int(r["hidden"])) for r in rows}
+  want = set()
+  for ep in (2, 4):
+    want |= {("dense", "jax", "bf16", ep, 128), ("dispatch", "reference", "bf16", ep, 128),
+             ("dispatch", "reference", "fp8", ep, 128), ("combine", "reference", "bf16", ep, 128),
+             ("hybrid_dispatch", "reference", "bf16", ep, 128),
+             ("hybrid_combine", "reference", "bf16", ep, 128),
+             ("memcpy", "ppermute_ring", "bf16", ep, 128), ("memcpy", "device_put", "bf16", ep, 128)}
+  assert got == want
+  assert len(rows) == len(want)
+  for r in rows:
+    assert r["check"] == "PASS", r
+    assert float(r["time_us"]) > 0 and float(r["host_us"]) > 0, r
+    assert float(r["bottleneck_gbps"]) > 0, r
+    assert float(r["bottleneck_gbps"]) >= float(r["nvlink_gbps"]) > 0, r
+    if r["op"] == "dense":
+      assert float(r["vs_dense"]) == 1.0
+  # Dispatch and combine count the same bytes; FP8 rows are H + 4 * H / 128 bytes.
+  by = {(r["op"], r["dtype"], r["ep"]): r for r in rows}
+  for ep in ("2", "4"):
+    assert by[("dispatch", "bf16", ep)]["recv_bytes"] == by[("combine", "bf16", ep)]["recv_bytes"]
+    bf16 = float(by[("dispatch", "bf16", ep)]["recv_bytes"])
+    fp8 = float(by[("dispatch", "fp8", ep)]["recv_bytes"])
+    assert fp8 == pytest.approx(bf16 * (128 + 4) / 256)
+
+
+# A reference backend whose permutation swaps two rows: the guard must say FAIL,
+# loudly, and the exit status must be 1.
+_BROKEN = """
+import sys
+import jax_moe_dispatch.permute as p
+orig = p.permute
+def bad(rows, perm):
+  out = orig(rows, perm)
+  return out.at[0].set(out[1])
+p.permute = bad
+from jax_moe_dispatch import bench
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fail_is_loud(tmp_path):
+  out = tmp_path / "bench.csv"
+  res = _run([*TINY, "--ep", "2", "--ops", "hybrid_dispatch,dispatch", "--no-fp8", "--csv", str(out)],
+             code=_BROKEN)
+  assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-4000:]
+  assert "!!! CORRECTNESS FAIL" in res.stdout and "!!! CORRECTNESS FAIL" in res.stderr
+  _, rows = _read_csv(out)
+  checks = {r["op"]: r["check"] for r in rows}
+  assert checks == {"dispatch": "PASS", "hybrid_dispatch": "FAIL"}
+
+
+@pytest.mark.slow
+def test_bench_to_md(tmp_path):
+  out = tmp_path / "bench.csv"
+  res = _run([*TINY, "--ep", "2", "--ops", "dispatch,dense", "--no-fp8", "--csv", str(out)])
+  assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+  md = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_to_md.py"), str(out)],
+                      capture_output=True, text=True, check=True).stdout
+  assert "| op | impl |" in md
+  assert "| dispatch | reference | bf16 | 2 | 128 | PASS |" in md
+  assert "command: `python -m jax_moe_dispatch.bench" in md
