@@ -280,7 +280,7 @@ class HybridEPHandle:
 
 def _hybrid_fwd_impl(x, scales, routing_map, probs, num_local, axis_name, max_recv,
                      num_rows, pad_multiple, implementation):
-  backend = get_backend(implementation)
+  backend = get_backend(implementation, "hybridep")
   ep = _axis_size(axis_name)
   num_tokens = routing_map.shape[0]
   local_map = routing_map.reshape(num_tokens, ep, num_local)
@@ -316,7 +316,7 @@ def _hybrid_dispatch_fwd(x, scales, routing_map, probs, num_local, axis_name, ma
 def _hybrid_dispatch_bwd(num_local, axis_name, max_recv, num_rows, pad_multiple,
                          implementation, handle, g):
   g_x, g_probs, g_scales, _, _ = g
-  backend = get_backend(implementation)
+  backend = get_backend(implementation, "hybridep")
   perm, dh = handle.permutation, handle.dispatch
   ep = _axis_size(axis_name)
   me = jax.lax.axis_index(axis_name)
@@ -415,7 +415,7 @@ def _hybrid_combine(x, handle, axis_name, implementation):
   # The per-rank sum over local experts stays float32 through the cross-rank
   # combine, so each token is rounded to x.dtype once.
   rows = _perm.unpermute(x, handle.permutation, handle.dispatch.max_recv, dtype=jnp.float32)
-  out = get_backend(implementation).combine(rows, handle.dispatch, axis_name=axis_name)
+  out = get_backend(implementation, "hybridep").combine(rows, handle.dispatch, axis_name=axis_name)
   return out.astype(x.dtype)
 
 
@@ -424,7 +424,7 @@ def _hybrid_combine_fwd(x, handle, axis_name, implementation):
 
 
 def _hybrid_combine_bwd(axis_name, implementation, handle, g):
-  (g_rows,) = get_backend(implementation).dispatch_cached([g], handle.dispatch, axis_name=axis_name)
+  (g_rows,) = get_backend(implementation, "hybridep").dispatch_cached([g], handle.dispatch, axis_name=axis_name)
   return _perm.permute(g_rows, handle.permutation), None
 
 

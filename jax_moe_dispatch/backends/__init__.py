@@ -33,7 +33,7 @@ def _native_module():
   return native
 
 
-def get_backend(implementation: str | None = "auto") -> Backend:
+def get_backend(implementation: str | None = "auto", protocol: str = "deepep") -> Backend:
   """Return the backend for ``implementation`` (called at trace time).
 
   Args:
@@ -42,6 +42,8 @@ def get_backend(implementation: str | None = "auto") -> Backend:
       the extension is built and :func:`jax_moe_dispatch.get_buffer` has set up
       buffers; otherwise the reference backend, with a warning on GPUs since
       that path is slow there.
+    protocol: ``"deepep"`` or ``"hybridep"``: whose SM budget the native
+      kernels use (:func:`jax_moe_dispatch.buffer.set_deepep_num_sms`).
 
   Raises:
     ValueError: unknown implementation.
@@ -64,7 +66,7 @@ def get_backend(implementation: str | None = "auto") -> Backend:
           "run on NVIDIA GPUs, or use implementation='reference'."
       )
     _log_once(logging.INFO, "jax_moe_dispatch: using the native backend.")
-    return native.NativeBackend()
+    return _native_backend(native, protocol)
   if jax.default_backend() != "gpu":
     _log_once(logging.INFO, "jax_moe_dispatch: using the reference backend.")
     return ReferenceBackend()
@@ -87,4 +89,10 @@ def get_backend(implementation: str | None = "auto") -> Backend:
     )
     return ReferenceBackend()
   _log_once(logging.INFO, "jax_moe_dispatch: using the native backend.")
-  return native.NativeBackend()
+  return _native_backend(native, protocol)
+
+
+def _native_backend(native, protocol: str) -> Backend:
+  from jax_moe_dispatch import buffer
+
+  return native.NativeBackend(buffer.num_sms(protocol))

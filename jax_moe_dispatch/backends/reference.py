@@ -25,23 +25,38 @@ import jax.numpy as jnp
 from jax_moe_dispatch.backends.base import DispatchHandle
 
 
-def layout(
-    dest_mask: jax.Array, *, axis_name: str, max_recv: int
-) -> tuple[DispatchHandle, jax.Array, jax.Array]:
-  """Compute the dispatch layout of one rank.
+def send_positions(dest_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The local half of the layout: ``(send_pos_raw [T, R], counts [R])``.
 
-  Returns:
-    ``(handle, send_pos_raw, recv_start)``. ``handle.recv_token`` is left as
-    ``-1`` everywhere (dispatch fills it). ``send_pos_raw`` is ``[T, R]``, the
-    position of each token in each destination's list whether or not it was
-    dropped (-1 where not sent). ``recv_start`` is ``[R]``, the first row of
-    each source's rows in this rank's receive buffer.
+  ``send_pos_raw[t, d]`` is the position of token ``t`` in the list sent to rank
+  ``d`` (-1 where not sent), before any dropping; ``counts[d]`` is that list's
+  length. Every backend exchanges ``counts`` and then calls
+  :func:`layout_from_counts`.
   """
-  me = jax.lax.axis_index(axis_name)
   mask = dest_mask.astype(jnp.int32)
   send_pos_raw = jnp.where(dest_mask, jnp.cumsum(mask, axis=0) - 1, -1)
-  counts = mask.sum(axis=0)  # [R]: rows this rank sends to each destination.
-  all_counts = jax.lax.all_gather(counts, axis_name)  # [R(src), R(dst)].
+  return send_pos_raw.astype(jnp.int32), mask.sum(axis=0).astype(jnp.int32)
+
+
+def layout_from_counts(
+    dest_mask: jax.Array,
+    send_pos_raw: jax.Array,
+    all_counts: jax.Array,
+    me: jax.Array,
+    *,
+    max_recv: int,
+) -> tuple[DispatchHandle, jax.Array]:
+  """The layout once every rank's counts are known.
+
+  Args:
+    all_counts: ``[R(src), R(dst)]`` rows each source sends each destination.
+    me: this rank's index on the axis.
+
+  Returns:
+    ``(handle, recv_start)``: ``handle.recv_token`` is left ``-1`` (dispatch
+    fills it); ``recv_start`` ``[R]`` is the first row of each source's rows in
+    this rank's receive buffer.
+  """
   offsets = jnp.cumsum(all_counts, axis=0) - all_counts  # exclusive, over src.
   dest_offset = offsets[me]  # [R]: where my rows start at each destination.
   kept = dest_mask & (dest_offset[None, :] + send_pos_raw < max_recv)
@@ -53,6 +68,24 @@ def layout(
       dest_offset=dest_offset.astype(jnp.int32),
       recv_count=recv_count.astype(jnp.int32),
       recv_token=jnp.full((max_recv,), -1, jnp.int32),
+  )
+  return handle, recv_start
+
+
+def layout(
+    dest_mask: jax.Array, *, axis_name: str, max_recv: int
+) -> tuple[DispatchHandle, jax.Array, jax.Array]:
+  """Compute the dispatch layout of one rank, counts exchanged by ``all_gather``.
+
+  Returns:
+    ``(handle, send_pos_raw, recv_start)`` (see :func:`send_positions` and
+    :func:`layout_from_counts`).
+  """
+  send_pos_raw, counts = send_positions(dest_mask)
+  all_counts = jax.lax.all_gather(counts, axis_name)  # [R(src), R(dst)].
+  me = jax.lax.axis_index(axis_name)
+  handle, recv_start = layout_from_counts(
+      dest_mask, send_pos_raw, all_counts, me, max_recv=max_recv
   )
   return handle, send_pos_raw, recv_start
 

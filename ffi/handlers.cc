@@ -1,0 +1,264 @@
+// XLA FFI handlers: check the buffers, find this GPU's group, launch notify + data.
+// Errors are returned as ffi::Error; nothing throws across the FFI boundary.
+#include "handlers.h"
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "group.h"
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// Comma-free names for the binding macros below.
+using S32Scalar = ffi::Buffer<ffi::S32>;
+using S32Vector = ffi::Buffer<ffi::S32, 1>;
+using S32Matrix = ffi::Buffer<ffi::S32, 2>;
+
+namespace jmd {
+namespace {
+
+ffi::Error Invalid(const std::string& msg) {
+  return ffi::Error::InvalidArgument("jax_moe_dispatch: " + msg);
+}
+
+ffi::Error CudaFailure(const char* what, cudaError_t err) {
+  return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) +
+                              " (" + cudaGetErrorString(err) + ")");
+}
+
+// The group of `device`, checked against the axis size, with this call's epoch.
+ffi::ErrorOr<GroupView> Enter(int32_t device, int64_t axis_size) {
+  Member* m = FindMember(device);
+  if (m == nullptr) {
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        "jax_moe_dispatch: no native buffer on GPU " + std::to_string(device) +
+            ". Fix: call jax_moe_dispatch.get_buffer(mesh, hidden_bytes) with the mesh whose "
+            "expert axis this op runs over, before running it (or use implementation='reference')."));
+  }
+  if (static_cast<int64_t>(m->devices.size()) != axis_size) {
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        "jax_moe_dispatch: the expert axis has " + std::to_string(axis_size) + " ranks but GPU " +
+            std::to_string(device) + "'s buffer was set up for a group of " +
+            std::to_string(m->devices.size()) + ". Fix: call get_buffer with the mesh and axis_name "
+            "this op runs over."));
+  }
+  if (std::string last = LastError(device); !last.empty()) {
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInternal, "jax_moe_dispatch: an earlier call failed: " + last));
+  }
+  int current = -1;
+  cudaGetDevice(&current);
+  if (current != device) cudaSetDevice(device);
+  GroupView g{};
+  for (size_t i = 0; i < m->devices.size(); ++i) g.regions[i] = m->regions[i];
+  g.diag = m->diag_device;
+  g.size = static_cast<int32_t>(m->devices.size());
+  g.position = m->position;
+  g.device = device;
+  g.epoch = ++m->epoch;
+  g.timeout_ns = m->timeout_ns;
+  return g;
+}
+
+int VectorWidth(int64_t bytes, const void* base) {
+  for (int w : {16, 8, 4, 2}) {
+    if (bytes % w == 0 && reinterpret_cast<uintptr_t>(base) % w == 0) return w;
+  }
+  return 1;
+}
+
+// Bytes of one row of a [lead..., rest...] buffer after `lead` leading dims.
+int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
+  int64_t n = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
+  auto dims = b.dimensions();
+  for (size_t i = lead; i < dims.size(); ++i) n *= dims[i];
+  return n;
+}
+
+// Shared by fresh and cached dispatch: checks payloads and fills the streams.
+ffi::Error AddStreams(DispatchParams& p, NotifyParams& n, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      int64_t num_payloads, int64_t num_tokens, int64_t ranks, int64_t max_recv) {
+  const int64_t num_streams = static_cast<int64_t>(args.size());
+  if (num_streams != static_cast<int64_t>(rets.size()) || num_payloads > num_streams) {
+    return Invalid("dispatch needs one output per payload");
+  }
+  if (num_streams > kMaxStreams - 1) {
+    return Invalid("at most " + std::to_string(kMaxStreams - 1) + " arrays per dispatch");
+  }
+  for (int64_t i = 0; i < num_streams; ++i) {
+    auto in = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!in.has_value()) return in.error();
+    if (!out.has_value()) return out.error();
+    const bool sliced = i >= num_payloads;
+    auto in_dims = in->dimensions();
+    auto out_dims = (*out)->dimensions();
+    if (in_dims.size() < (sliced ? 2u : 1u) || in_dims[0] != num_tokens || (sliced && in_dims[1] != ranks)) {
+      return Invalid("dispatch array " + std::to_string(i) + " must be [T, ...]" + (sliced ? " with R second" : ""));
+    }
+    const int64_t bytes = RowBytes(*in, sliced ? 2 : 1);
+    if (out_dims.size() < 1 || out_dims[0] != max_recv || RowBytes(**out, 1) != bytes ||
+        in->element_type() != (*out)->element_type()) {
+      return Invalid("dispatch output " + std::to_string(i) + " must be [M, ...] like its input row");
+    }
+    if (bytes > INT32_MAX / 2) return Invalid("rows over 1 GiB are not supported");
+    Stream& s = p.streams[i];
+    s.src = static_cast<const char*>(in->untyped_data());
+    s.bytes = static_cast<int32_t>(bytes);
+    s.dest_stride = sliced ? bytes : 0;
+    s.tok_stride = sliced ? bytes * ranks : bytes;
+    s.width = VectorWidth(bytes, s.src);
+    const int out_width = VectorWidth(bytes, (*out)->untyped_data());
+    if (out_width < s.width) s.width = out_width;
+    n.ptrs[i] = reinterpret_cast<uint64_t>((*out)->untyped_data());
+  }
+  p.num_streams = static_cast<int32_t>(num_streams);
+  return ffi::Error::Success();
+}
+
+int Blocks(int64_t num_blocks) { return num_blocks < 1 ? 1 : static_cast<int>(num_blocks); }
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
+                        ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> counts,
+                        ffi::RemainingArgs args, ffi::ResultBuffer<ffi::S32, 2> all_counts,
+                        ffi::ResultBuffer<ffi::S32, 1> recv_token, ffi::RemainingRets rets,
+                        int64_t num_payloads, int64_t num_blocks) {
+  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
+  const int64_t max_recv = recv_token->dimensions()[0];
+  if (counts.dimensions()[0] != ranks || all_counts->dimensions()[0] != ranks ||
+      all_counts->dimensions()[1] != ranks) {
+    return Invalid("counts must be [R] and all_counts [R, R]");
+  }
+  auto g = Enter(device, ranks);
+  if (!g.has_value()) return g.error();
+  DispatchParams p{};
+  NotifyParams n{};
+  if (auto err = AddStreams(p, n, args, rets, num_payloads, num_tokens, ranks, max_recv); err.failure()) return err;
+  p.with_token = true;
+  n.ptrs[p.num_streams] = reinterpret_cast<uint64_t>(recv_token->typed_data());
+  p.send_pos = send_pos.typed_data();
+  p.num_tokens = static_cast<int32_t>(num_tokens);
+  p.max_recv = static_cast<int32_t>(max_recv);
+  n.axis_index = axis_index.typed_data();
+  n.counts = counts.typed_data();
+  n.all_counts = all_counts->typed_data();
+  n.max_recv = p.max_recv;
+  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
+  if (cudaError_t err = LaunchDispatch(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
+    return CudaFailure("dispatch launch", err);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
+                              ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> dest_offset,
+                              ffi::Buffer<ffi::S32, 1> recv_count, ffi::RemainingArgs args,
+                              ffi::RemainingRets rets, int64_t max_recv, int64_t num_blocks) {
+  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
+  if (dest_offset.dimensions()[0] != ranks || recv_count.dimensions()[0] != ranks) {
+    return Invalid("dest_offset and recv_count must be [R]");
+  }
+  auto g = Enter(device, ranks);
+  if (!g.has_value()) return g.error();
+  DispatchParams p{};
+  NotifyParams n{};
+  if (auto err = AddStreams(p, n, args, rets, args.size(), num_tokens, ranks, max_recv); err.failure()) return err;
+  p.with_token = false;
+  p.send_pos = send_pos.typed_data();
+  p.num_tokens = static_cast<int32_t>(num_tokens);
+  p.max_recv = static_cast<int32_t>(max_recv);
+  n.axis_index = axis_index.typed_data();
+  n.cached_offset = dest_offset.typed_data();
+  n.cached_recv = recv_count.typed_data();
+  n.max_recv = p.max_recv;
+  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
+  if (cudaError_t err = LaunchDispatch(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
+    return CudaFailure("dispatch launch", err);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
+                       ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> dest_offset,
+                       ffi::AnyBuffer rows, ffi::Result<ffi::AnyBuffer> out, int64_t num_blocks) {
+  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
+  auto rows_dims = rows.dimensions();
+  auto out_dims = out->dimensions();
+  if (rows_dims.size() != 2 || out_dims.size() != 2 || out_dims[0] != num_tokens ||
+      out_dims[1] != rows_dims[1] || rows.element_type() != out->element_type()) {
+    return Invalid("combine takes rows [M, H] and returns [T, H] of the same dtype");
+  }
+  CombineParams p{};
+  switch (rows.element_type()) {
+    case ffi::DataType::F32: p.dtype = Dtype::kF32; break;
+    case ffi::DataType::BF16: p.dtype = Dtype::kBF16; break;
+    case ffi::DataType::F16: p.dtype = Dtype::kF16; break;
+    default: return Invalid("combine rows must be float32, bfloat16 or float16");
+  }
+  if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]");
+  auto g = Enter(device, ranks);
+  if (!g.has_value()) return g.error();
+  NotifyParams n{};
+  n.axis_index = axis_index.typed_data();
+  n.cached_offset = dest_offset.typed_data();
+  n.ptrs[0] = reinterpret_cast<uint64_t>(rows.untyped_data());
+  n.max_recv = static_cast<int32_t>(rows_dims[0]);
+  p.send_pos = send_pos.typed_data();
+  p.dest_offset = dest_offset.typed_data();
+  p.out = out->untyped_data();
+  p.num_tokens = static_cast<int32_t>(num_tokens);
+  p.hidden = static_cast<int32_t>(rows_dims[1]);
+  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
+  if (cudaError_t err = LaunchCombine(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
+    return CudaFailure("combine launch", err);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jmd
+
+// No Traits::kCmdBufferCompatible: these kernels wait on other GPUs and must run
+// in program order, outside CUDA graphs.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatch, jmd::DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<S32Scalar>()      // axis_index [1]
+                                  .Arg<S32Matrix>()   // send_pos_raw [T, R]
+                                  .Arg<S32Vector>()   // counts [R]
+                                  .RemainingArgs()                   // payloads, then sliced
+                                  .Ret<S32Matrix>()   // all_counts [R, R]
+                                  .Ret<S32Vector>()   // recv_token [M]
+                                  .RemainingRets()                   // received arrays
+                                  .Attr<int64_t>("num_payloads")
+                                  .Attr<int64_t>("num_blocks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatchCached, jmd::DispatchCachedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<S32Scalar>()      // axis_index [1]
+                                  .Arg<S32Matrix>()   // send_pos [T, R]
+                                  .Arg<S32Vector>()   // dest_offset [R]
+                                  .Arg<S32Vector>()   // recv_count [R]
+                                  .RemainingArgs()                   // payloads
+                                  .RemainingRets()                   // received payloads
+                                  .Attr<int64_t>("max_recv")
+                                  .Attr<int64_t>("num_blocks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdCombine, jmd::CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<S32Scalar>()      // axis_index [1]
+                                  .Arg<S32Matrix>()   // send_pos [T, R]
+                                  .Arg<S32Vector>()   // dest_offset [R]
+                                  .Arg<ffi::AnyBuffer>()             // rows [M, H]
+                                  .Ret<ffi::AnyBuffer>()             // out [T, H]
+                                  .Attr<int64_t>("num_blocks"));

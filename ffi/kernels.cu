@@ -1,0 +1,445 @@
+// Notify, dispatch and combine kernels. protocol.h describes the signalling and
+// backends/base.py the layout these kernels produce (the reference backend in
+// backends/reference.py computes the same bits with JAX collectives).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels.h"
+
+namespace jmd {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Flags: system-scope release/acquire, every wait bounded by a timeout.
+
+__device__ __forceinline__ uint64_t GlobalTimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t LoadAcquire(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreRelease(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Records what went wrong where the host can read it after the context fails.
+__device__ void Fail(const GroupView& g, int32_t code, int32_t stage, int32_t peer, uint64_t seen) {
+  volatile Diag* d = g.diag;
+  d->stage = stage;
+  d->peer = peer;
+  d->device = g.device;
+  d->epoch = g.epoch;
+  d->seen = seen;
+  __threadfence_system();
+  d->code = code;
+  __threadfence_system();
+  __trap();
+}
+
+// Waits until *flag >= the current epoch; traps (an error XLA reports) on timeout.
+__device__ void WaitForEpoch(const uint64_t* flag, const GroupView& g, int32_t stage, int32_t peer) {
+  uint64_t seen = LoadAcquire(flag);
+  if (seen >= g.epoch) return;
+  const uint64_t start = GlobalTimer();
+  while ((seen = LoadAcquire(flag)) < g.epoch) {
+    if (GlobalTimer() - start > g.timeout_ns) Fail(g, kDiagTimeout, stage, peer, seen);
+    __nanosleep(32);
+  }
+}
+
+// The last block of a data kernel to finish tells every peer that this rank is done
+// with their buffers, then waits until every peer has said the same to this rank.
+__device__ void Finish(const GroupView& g, SignalRegion* mine) {
+  __shared__ bool last;
+  __threadfence_system();  // This thread's peer stores/loads are complete system-wide.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&mine->layout.block_counter, 1u) == gridDim.x - 1;
+    __threadfence();
+  }
+  __syncthreads();
+  if (!last) return;
+  if (threadIdx.x == 0) mine->layout.block_counter = 0;  // Every block has counted.
+  __threadfence_system();
+  if (threadIdx.x < g.size) {
+    StoreRelease(&g.regions[threadIdx.x]->done[g.position], g.epoch);
+    WaitForEpoch(&mine->done[threadIdx.x], g, kStageDone, threadIdx.x);
+  }
+  __threadfence_system();
+}
+
+// ---------------------------------------------------------------------------
+// Notify: one block, warp w talks to group member w.
+
+__global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, const __grid_constant__ NotifyParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int size = g.size;
+  SignalRegion* mine = g.regions[g.position];
+  Layout& layout = mine->layout;
+  const int me = *p.axis_index;
+  __shared__ int axis_of[kMaxRanks];
+
+  if (warp < size) {  // Publish into member `warp`'s slot for me.
+    Slot* slot = &g.regions[warp]->slots[g.position];
+    volatile Slot* out = slot;
+    if (lane == 0) out->axis_index = me;
+    if (lane < size) out->counts[lane] = p.counts != nullptr ? p.counts[lane] : 0;
+    if (lane < kMaxStreams) out->ptrs[lane] = p.ptrs[lane];
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) StoreRelease(&slot->flag, g.epoch);
+  }
+  if (warp < size) {  // Read what member `warp` published for me.
+    Slot* slot = &mine->slots[warp];
+    if (lane == 0) WaitForEpoch(&slot->flag, g, kStageNotify, warp);
+    __syncwarp();
+    LoadAcquire(&slot->flag);  // Every lane acquires before reading the content.
+    volatile Slot* in = slot;
+    const int axis = in->axis_index;
+    if (lane == 0) axis_of[warp] = axis;
+    if (axis >= 0 && axis < size) {
+      if (lane < size) layout.counts[axis][lane] = in->counts[lane];
+      if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned seen = 0;
+    for (int w = 0; w < size; ++w) {
+      if (axis_of[w] >= 0 && axis_of[w] < size) seen |= 1u << axis_of[w];
+    }
+    if (seen != (1u << size) - 1 || me < 0 || me >= size) Fail(g, kDiagBadAxis, kStageNotify, 0, 0);
+  }
+  __syncthreads();
+  if (threadIdx.x < size) {
+    const int d = threadIdx.x;
+    int offset = 0;
+    if (p.cached_offset != nullptr) {
+      offset = p.cached_offset[d];
+    } else {
+      for (int s = 0; s < me; ++s) offset += layout.counts[s][d];
+    }
+    layout.my_offset[d] = offset;
+    if (p.all_counts != nullptr) {
+      for (int s = 0; s < size; ++s) p.all_counts[s * size + d] = layout.counts[s][d];
+    }
+  }
+  if (threadIdx.x == 0) {
+    int total = 0;
+    if (p.cached_recv != nullptr) {
+      for (int s = 0; s < size; ++s) total += p.cached_recv[s];
+    } else {
+      for (int s = 0; s < size; ++s) total += layout.counts[s][me];
+    }
+    layout.num_recv = min(total, p.max_recv);
+    layout.my_axis_index = me;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch: warp per token; each row is loaded once and stored to every
+// destination that receives it, straight into that destination's output.
+
+template <int W> struct VecOf;
+template <> struct VecOf<16> { using T = int4; };
+template <> struct VecOf<8> { using T = int2; };
+template <> struct VecOf<4> { using T = int; };
+template <> struct VecOf<2> { using T = short; };
+template <> struct VecOf<1> { using T = char; };
+
+constexpr int kCopyUnroll = 4;
+
+template <int W, int RB>
+__device__ __forceinline__ void CopyToAll(const char* src, char* const* dst_base, const int (&rows)[RB],
+                                          int bytes, int lane) {
+  using V = typename VecOf<W>::T;
+  const int nvec = bytes / W;
+  const V* in = reinterpret_cast<const V*>(src);
+  V* out[RB];
+#pragma unroll
+  for (int d = 0; d < RB; ++d) {
+    out[d] = rows[d] >= 0 ? reinterpret_cast<V*>(dst_base[d] + static_cast<int64_t>(rows[d]) * bytes) : nullptr;
+  }
+  for (int base = 0; base < nvec; base += 32 * kCopyUnroll) {
+    V v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < nvec) v[u] = __ldg(in + i);
+    }
+#pragma unroll
+    for (int d = 0; d < RB; ++d) {
+      if (out[d] == nullptr) continue;  // Warp-uniform.
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < nvec) out[d][i] = v[u];
+      }
+    }
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void CopyOne(const char* src, char* dst, int bytes, int lane) {
+  using V = typename VecOf<W>::T;
+  const int nvec = bytes / W;
+  const V* in = reinterpret_cast<const V*>(src);
+  V* out = reinterpret_cast<V*>(dst);
+  for (int i = lane; i < nvec; i += 32) out[i] = __ldg(in + i);
+}
+
+template <int W>
+__device__ __forceinline__ void Fill(char* dst, int64_t bytes, int64_t tid, int64_t nthreads) {
+  using V = typename VecOf<W>::T;
+  V zero{};
+  V* out = reinterpret_cast<V*>(dst);
+  for (int64_t i = tid; i < bytes / W; i += nthreads) out[i] = zero;
+}
+
+#define JMD_SWITCH_WIDTH(width, ...)          \
+  switch (width) {                            \
+    case 16: { constexpr int W = 16; __VA_ARGS__; } break; \
+    case 8: { constexpr int W = 8; __VA_ARGS__; } break;   \
+    case 4: { constexpr int W = 4; __VA_ARGS__; } break;   \
+    case 2: { constexpr int W = 2; __VA_ARGS__; } break;   \
+    default: { constexpr int W = 1; __VA_ARGS__; } break;  \
+  }
+
+template <int RB>
+__global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __grid_constant__ DispatchParams p) {
+  __shared__ char* dst_base[kMaxStreams][RB];
+  __shared__ int offset[RB];
+  SignalRegion* mine = g.regions[g.position];
+  const Layout& layout = mine->layout;
+  const int size = g.size;
+  for (int i = threadIdx.x; i < kMaxStreams * RB; i += blockDim.x) {
+    const int s = i / RB, d = i % RB;
+    dst_base[s][d] = d < size ? reinterpret_cast<char*>(layout.ptrs[d][s]) : nullptr;
+  }
+  if (threadIdx.x < RB) offset[threadIdx.x] = threadIdx.x < size ? layout.my_offset[threadIdx.x] : 0;
+  __syncthreads();
+  const int me = layout.my_axis_index;
+  const int num_recv = layout.num_recv;
+  const int lane = threadIdx.x % 32;
+  const int warps_per_block = blockDim.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+
+  for (int t = blockIdx.x * warps_per_block + threadIdx.x / 32; t < p.num_tokens; t += total_warps) {
+    int row = -1;
+    if (lane < size) {
+      const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
+      if (pos >= 0 && offset[lane] + pos < p.max_recv) row = offset[lane] + pos;
+    }
+    int rows[RB];
+#pragma unroll
+    for (int d = 0; d < RB; ++d) rows[d] = __shfl_sync(0xffffffffu, row, d);
+    for (int s = 0; s < p.num_streams; ++s) {
+      const Stream& st = p.streams[s];
+      const char* src = st.src + static_cast<int64_t>(t) * st.tok_stride;
+      if (st.dest_stride == 0) {
+        JMD_SWITCH_WIDTH(st.width, CopyToAll<W, RB>(src, dst_base[s], rows, st.bytes, lane));
+      } else {
+#pragma unroll
+        for (int d = 0; d < RB; ++d) {
+          if (rows[d] < 0) continue;
+          char* dst = dst_base[s][d] + static_cast<int64_t>(rows[d]) * st.bytes;
+          JMD_SWITCH_WIDTH(st.width, CopyOne<W>(src + d * st.dest_stride, dst, st.bytes, lane));
+        }
+      }
+    }
+    if (p.with_token && row >= 0) reinterpret_cast<int32_t*>(dst_base[p.num_streams][lane])[row] = t;
+  }
+
+  // Padding rows [num_recv, max_recv) of my own outputs: zeros (token ids: -1).
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int s = 0; s < p.num_streams; ++s) {
+    const Stream& st = p.streams[s];
+    char* begin = dst_base[s][me] + static_cast<int64_t>(num_recv) * st.bytes;
+    const int64_t bytes = static_cast<int64_t>(p.max_recv - num_recv) * st.bytes;
+    JMD_SWITCH_WIDTH(st.width, Fill<W>(begin, bytes, tid, nthreads));
+  }
+  if (p.with_token) {
+    int32_t* token = reinterpret_cast<int32_t*>(dst_base[p.num_streams][me]);
+    for (int64_t i = num_recv + tid; i < p.max_recv; i += nthreads) token[i] = -1;
+  }
+  Finish(g, mine);
+}
+
+// ---------------------------------------------------------------------------
+// Combine: warp per token; loads the token's rows from every rank it went to,
+// sums them in float32 in ascending rank order, stores the result locally.
+
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static constexpr int kPerVec = 4;
+  __device__ static void Add(float* acc, const int4& v) {
+    acc[0] += __int_as_float(v.x); acc[1] += __int_as_float(v.y);
+    acc[2] += __int_as_float(v.z); acc[3] += __int_as_float(v.w);
+  }
+  __device__ static int4 Pack(const float* acc) {
+    return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]), __float_as_int(acc[3]));
+  }
+  __device__ static float ToFloat(float v) { return v; }
+  __device__ static float FromFloat(float v) { return v; }
+};
+template <typename H2, typename H, float2 (*ToF2)(H2), H2 (*FromF2)(float, float), float (*ToF)(H), H (*FromF)(float)>
+struct HalfElem {
+  static constexpr int kPerVec = 8;
+  __device__ static void Add(float* acc, const int4& v) {
+    const H2* h = reinterpret_cast<const H2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = ToF2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  __device__ static int4 Pack(const float* acc) {
+    int4 v;
+    H2* h = reinterpret_cast<H2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = FromF2(acc[2 * i], acc[2 * i + 1]);
+    return v;
+  }
+  __device__ static float ToFloat(H v) { return ToF(v); }
+  __device__ static H FromFloat(float v) { return FromF(v); }
+};
+__device__ float2 Bf2ToF2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __nv_bfloat162 F2ToBf2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+__device__ float BfToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __nv_bfloat16 FToBf(float v) { return __float2bfloat16_rn(v); }
+__device__ float2 H2ToF2(__half2 v) { return __half22float2(v); }
+__device__ __half2 F2ToH2(float a, float b) { return __floats2half2_rn(a, b); }
+__device__ float HToF(__half v) { return __half2float(v); }
+__device__ __half FToH(float v) { return __float2half_rn(v); }
+template <> struct Elem<__nv_bfloat16> : HalfElem<__nv_bfloat162, __nv_bfloat16, Bf2ToF2, F2ToBf2, BfToF, FToBf> {};
+template <> struct Elem<__half> : HalfElem<__half2, __half, H2ToF2, F2ToH2, HToF, FToH> {};
+
+template <typename T, int RB>
+__global__ void __launch_bounds__(kThreads) CombineKernel(GroupView g, const __grid_constant__ CombineParams p) {
+  constexpr int kUnroll = RB <= 4 ? 4 : 2;
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  __shared__ const T* src_base[RB];
+  __shared__ int offset[RB];
+  SignalRegion* mine = g.regions[g.position];
+  const int size = g.size;
+  if (threadIdx.x < RB) {
+    const int d = threadIdx.x;
+    src_base[d] = d < size ? reinterpret_cast<const T*>(mine->layout.ptrs[d][0]) : nullptr;
+    offset[d] = d < size ? p.dest_offset[d] : 0;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int warps_per_block = blockDim.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+  const int hidden = p.hidden;
+  const bool vectorized = (static_cast<int64_t>(hidden) * sizeof(T)) % 16 == 0;
+
+  for (int t = blockIdx.x * warps_per_block + threadIdx.x / 32; t < p.num_tokens; t += total_warps) {
+    int row = -1;
+    if (lane < size) {
+      const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
+      if (pos >= 0) row = offset[lane] + pos;
+    }
+    const T* src[RB];
+#pragma unroll
+    for (int d = 0; d < RB; ++d) {
+      const int r = __shfl_sync(0xffffffffu, row, d);
+      src[d] = r >= 0 ? src_base[d] + static_cast<int64_t>(r) * hidden : nullptr;
+    }
+    T* out = reinterpret_cast<T*>(p.out) + static_cast<int64_t>(t) * hidden;
+    if (vectorized) {
+      const int nvec = hidden / kPerVec;
+      for (int base = 0; base < nvec; base += 32 * kUnroll) {
+        int4 v[RB][kUnroll];
+#pragma unroll
+        for (int d = 0; d < RB; ++d) {
+          if (src[d] == nullptr) continue;
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int i = base + u * 32 + lane;
+            if (i < nvec) v[d][u] = __ldg(reinterpret_cast<const int4*>(src[d]) + i);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32 + lane;
+          if (i >= nvec) continue;
+          float acc[kPerVec];
+#pragma unroll
+          for (int e = 0; e < kPerVec; ++e) acc[e] = 0.0f;
+#pragma unroll
+          for (int d = 0; d < RB; ++d) {
+            if (src[d] != nullptr) Elem<T>::Add(acc, v[d][u]);
+          }
+          reinterpret_cast<int4*>(out)[i] = Elem<T>::Pack(acc);
+        }
+      }
+    } else {
+      for (int i = lane; i < hidden; i += 32) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int d = 0; d < RB; ++d) {
+          if (src[d] != nullptr) acc += Elem<T>::ToFloat(src[d][i]);
+        }
+        out[i] = Elem<T>::FromFloat(acc);
+      }
+    }
+  }
+  Finish(g, mine);
+}
+
+template <template <int> class Fn, typename... Args>
+cudaError_t ByRankBucket(int size, Args&&... args) {
+  if (size <= 2) return Fn<2>::Run(args...);
+  if (size <= 4) return Fn<4>::Run(args...);
+  return Fn<8>::Run(args...);
+}
+
+template <int RB>
+struct RunDispatch {
+  static cudaError_t Run(const GroupView& g, const DispatchParams& p, int blocks, cudaStream_t stream) {
+    DispatchKernel<RB><<<blocks, kThreads, 0, stream>>>(g, p);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct CombineOf {
+  template <int RB>
+  struct Run_ {
+    static cudaError_t Run(const GroupView& g, const CombineParams& p, int blocks, cudaStream_t stream) {
+      CombineKernel<T, RB><<<blocks, kThreads, 0, stream>>>(g, p);
+      return cudaGetLastError();
+    }
+  };
+};
+
+}  // namespace
+
+cudaError_t LaunchNotify(const GroupView& g, const NotifyParams& p, cudaStream_t stream) {
+  NotifyKernel<<<1, 32 * kMaxRanks, 0, stream>>>(g, p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchDispatch(const GroupView& g, const DispatchParams& p, int num_blocks, cudaStream_t stream) {
+  return ByRankBucket<RunDispatch>(g.size, g, p, num_blocks, stream);
+}
+
+cudaError_t LaunchCombine(const GroupView& g, const CombineParams& p, int num_blocks, cudaStream_t stream) {
+  switch (p.dtype) {
+    case Dtype::kF32: return ByRankBucket<CombineOf<float>::Run_>(g.size, g, p, num_blocks, stream);
+    case Dtype::kBF16: return ByRankBucket<CombineOf<__nv_bfloat16>::Run_>(g.size, g, p, num_blocks, stream);
+    case Dtype::kF16: return ByRankBucket<CombineOf<__half>::Run_>(g.size, g, p, num_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jmd

@@ -1,0 +1,50 @@
+// The nanobind module: FFI handler capsules and the group (buffer) lifecycle.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "group.h"
+#include "handlers.h"
+#include "protocol.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+void Check(const std::string& error) {
+  if (!error.empty()) throw std::runtime_error("jax_moe_dispatch: " + error);
+}
+
+template <typename T>
+nb::capsule Capsule(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_jmd_ext, m) {
+  m.doc() = "CUDA kernels and XLA FFI handlers of jax_moe_dispatch's native backend.";
+  m.attr("MAX_RANKS") = jmd::kMaxRanks;
+  m.def("handlers", []() {
+    nb::dict d;
+    d["jmd_dispatch"] = Capsule(JmdDispatch);
+    d["jmd_dispatch_cached"] = Capsule(JmdDispatchCached);
+    d["jmd_combine"] = Capsule(JmdCombine);
+    return d;
+  }, "FFI handler capsules by target name.");
+  m.def("create_group", [](const std::vector<int>& devices, double timeout_s) {
+    Check(jmd::CreateGroup(devices, timeout_s));
+  }, nb::arg("devices"), nb::arg("timeout_s"),
+     "Allocate the signal regions of a group of local GPUs (CUDA ordinals, in axis order) "
+     "and enable peer access between them. The same group again is kept as it is.");
+  m.def("free_all", []() { Check(jmd::FreeAll()); }, "Free every group's device memory.");
+  m.def("reset", []() { Check(jmd::ResetAll()); }, "Zero every signal region and call counter.");
+  m.def("groups", &jmd::Groups, "Device lists of the registered groups.");
+  m.def("last_error", &jmd::LastError, nb::arg("device"),
+        "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
+  m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
+}

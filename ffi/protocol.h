@@ -1,0 +1,72 @@
+// The signalling protocol shared by the host code and the kernels.
+//
+// Every GPU of an expert-parallel group owns one small SignalRegion (cudaMalloc,
+// peer-accessible from the other GPUs of the group). Rows never pass through it:
+// dispatch stores rows straight into the receivers' XLA output buffers and combine
+// loads them straight from the experts' XLA input buffers, through CUDA peer access.
+// The region only carries, per call ("epoch"):
+//   * slots[g]: what group member g published for this call (its index on the JAX
+//     axis, its row counts to every destination, the addresses of its buffers),
+//     written by g into every member's region, flag (= epoch) stored last;
+//   * done[g]: the epoch at which member g finished touching this member's buffers;
+//   * layout: this member's private result of the notify step.
+// Every rank issues the same calls in the same order (one SPMD program), so a host
+// counter per device gives all ranks the same epoch for the same call.
+#pragma once
+
+#include <cstdint>
+
+namespace jmd {
+
+inline constexpr int kMaxRanks = 8;     // GPUs of one NVLink group (one node).
+inline constexpr int kMaxStreams = 8;   // buffer addresses one rank publishes per call.
+inline constexpr int kThreads = 512;    // threads per block of the data kernels.
+
+struct alignas(64) Slot {
+  uint64_t flag;                 // epoch of the content below; stored last (release).
+  int32_t axis_index;            // publisher's index on the JAX axis.
+  int32_t counts[kMaxRanks];     // publisher's rows for each destination (axis order).
+  uint64_t ptrs[kMaxStreams];    // publisher's buffer addresses for this call.
+};
+
+struct Layout {
+  int32_t counts[kMaxRanks][kMaxRanks];   // [source axis index][destination axis index].
+  uint64_t ptrs[kMaxRanks][kMaxStreams];  // [axis index][stream]: published addresses.
+  int32_t my_offset[kMaxRanks];           // first row of my rows at each destination.
+  int32_t num_recv;                       // rows this rank receives, clipped to max_recv.
+  int32_t my_axis_index;
+  uint32_t block_counter;                 // last-block detection in the data kernels.
+};
+
+struct SignalRegion {
+  Slot slots[kMaxRanks];                        // slots[g]: written by group member g.
+  alignas(64) uint64_t done[kMaxRanks];         // done[g]: written by group member g.
+  alignas(64) Layout layout;                    // private to the owning GPU.
+};
+
+// Written by a kernel (in host-mapped memory) just before it traps, so that the
+// host can say what went wrong after the CUDA context has failed.
+enum DiagCode : int32_t { kDiagNone = 0, kDiagTimeout = 1, kDiagBadAxis = 2 };
+enum DiagStage : int32_t { kStageNotify = 0, kStageDone = 1 };
+
+struct Diag {
+  int32_t code;
+  int32_t stage;
+  int32_t peer;     // group member that did not arrive.
+  int32_t device;
+  uint64_t epoch;
+  uint64_t seen;    // the last flag value read.
+};
+
+// What a kernel needs to know about its group; passed by value.
+struct GroupView {
+  SignalRegion* regions[kMaxRanks];  // by group position; peers' through P2P.
+  Diag* diag;                        // device view of this GPU's host-mapped Diag.
+  int32_t size;
+  int32_t position;                  // this GPU's position in the group.
+  int32_t device;
+  uint64_t epoch;
+  uint64_t timeout_ns;
+};
+
+}  // namespace jmd

@@ -1,0 +1,221 @@
+"""The native CUDA backend on GPUs: bit-identical to the reference backend and the oracle.
+
+Every test runs the same per-rank function with ``implementation="native"`` and
+``implementation="reference"`` on fresh random data and compares the results
+bit for bit (dispatch layouts, handles, combine sums, gradients), and checks the
+native result against the numpy float64 oracle. Skipped without GPUs; fails
+(does not skip) on GPUs when the extension is missing, so a broken build shows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+
+import _harness as H  # Sets XLA_FLAGS before jax is imported.
+import jax
+import jax.numpy as jnp
+import jax.test_util  # noqa: F401
+import numpy as np
+import oracle
+import pytest
+from conftest import gpu_count
+
+import jax_moe_dispatch as jmd
+from jax_moe_dispatch import buffer
+
+pytestmark = pytest.mark.gpu
+
+IMPLS = ("native", "reference")
+
+
+@pytest.fixture(params=[2, 4, 8], ids=lambda n: f"ep{n}")
+def ep(request):
+  n = request.param
+  if gpu_count() < n:
+    pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
+  from jax_moe_dispatch.backends import native
+
+  assert native.native_available(), native.native_unavailable_reason()
+  buffer.get_buffer(H.mesh(n), 4096, axis_name="ep")
+  return n
+
+
+def rng_for(*salt) -> np.random.Generator:
+  return np.random.default_rng(zlib.crc32(repr(salt).encode()))
+
+
+def routing(rng, ep, T, K, E, kind="random"):
+  idx = oracle.random_topk(rng, ep, T, K, E, kind=kind, masked_rows=(1,) if T > 2 else ())
+  probs = np.where(idx >= 0, rng.random(idx.shape) + 0.1, 0).astype(np.float32)
+  return idx, probs
+
+
+def both(fn, ep, *args):
+  """``{impl: numpy outputs}`` of ``fn(impl, *per_rank_args)`` run per rank."""
+  return {impl: H.to_np(H.ep_map(lambda *a, impl=impl: fn(impl, *a), ep)(*args)) for impl in IMPLS}
+
+
+def assert_same(tree_a, tree_b, what):
+  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
+  assert len(leaves_a) == len(leaves_b)
+  for i, (a, b) in enumerate(zip(leaves_a, leaves_b)):
+    H.assert_bitwise(a, b, f"{what}[{i}] native vs reference")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "fp8"])
+@pytest.mark.parametrize("kind,max_recv", [("random", None), ("one_expert", None), ("random", 9)])
+def test_dispatch_and_combine_bitwise(ep, dtype, kind, max_recv):
+  T, K, E, Hd = 37, 4, 8 * ep, 256 if dtype == "fp8" else 72
+  rng = rng_for(ep, dtype, kind, max_recv)
+  idx, probs = routing(rng, ep, T, K, E, kind)
+  x = H.rand(rng, (ep, T, Hd), np.float32)
+  if dtype == "fp8":
+    q, s = jax.vmap(jmd.quantize_fp8)(jnp.asarray(x))
+    args = (np.asarray(q), np.asarray(s), idx, probs)
+  else:
+    args = (x.astype(jnp.dtype(dtype)), idx, probs)
+
+  def fn(impl, *a):
+    xs = (a[0], a[1]) if dtype == "fp8" else a[0]
+    i, p = a[-2], a[-1]
+    recv_x, recv_idx, recv_probs, tpe, handle = jmd.fused_dispatch(
+        xs, i, p, E, "ep", max_recv_tokens=max_recv, implementation=impl)
+    rows = recv_x[0].astype(jnp.float32) if dtype == "fp8" else recv_x
+    weight = (jnp.arange(rows.shape[0]) % 3 + 1).astype(rows.dtype)[:, None]
+    y = jmd.fused_combine(rows * weight, handle, "ep", implementation=impl)
+    return recv_x, recv_idx, recv_probs, tpe, handle, y
+
+  out = both(fn, ep, *args)
+  assert_same(out["native"], out["reference"], f"dispatch/combine {dtype}")
+  want = oracle.fused_dispatch(args[0], idx, probs, E, max_recv,
+                               scales=args[1] if dtype == "fp8" else None)
+  recv_x = out["native"][0]
+  H.assert_bitwise(recv_x[0] if dtype == "fp8" else recv_x, want["recv_x"], "recv_x vs oracle")
+  H.assert_equal_int(out["native"][1], want["recv_idx"], "recv_idx vs oracle")
+  H.assert_equal_int(out["native"][3], want["tokens_per_expert"], "tokens_per_expert vs oracle")
+  rows = (recv_x[0].astype(np.float64) if dtype == "fp8" else recv_x.astype(np.float64))
+  weight = (np.arange(rows.shape[1]) % 3 + 1)[None, :, None]
+  expect = oracle.combine(want["layout"], rows * weight)
+  H.assert_close(out["native"][5], expect, np.float32 if dtype == "fp8" else x.dtype, "combine vs oracle")
+
+
+def test_gradients_equal_reference_and_numeric(ep):
+  T, K, E, Hd = 19, 2, 4 * ep, 24
+  rng = rng_for("grad", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = H.rand(rng, (ep, T, Hd), np.float32)
+  w = H.rand(rng, (ep, ep * T, Hd), np.float32)
+
+  def loss(impl, x, probs, idx, w):
+    recv_x, _, recv_probs, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation=impl)
+    y = jmd.fused_combine(jnp.tanh(recv_x * w) * recv_probs.sum(-1, keepdims=True), handle, "ep",
+                          implementation=impl)
+    return (y * y).sum()
+
+  def grads(impl, x, probs, idx, w):
+    return jax.grad(lambda a, b: loss(impl, a, b, idx, w), argnums=(0, 1))(x, probs)
+
+  out = both(grads, ep, x, probs, idx, w)
+  assert_same(out["native"], out["reference"], "grad")
+
+  f = H.ep_map(lambda a, b, i, ww: loss("native", a, b, i, ww)[None], ep)
+  jax.test_util.check_grads(lambda a, b: f(a, b, idx, w).sum(), (jnp.asarray(x), jnp.asarray(probs)),
+                            order=1, modes=("rev",), atol=2e-2, rtol=2e-2, eps=1e-3)
+
+
+@pytest.mark.parametrize("pad", [None, 16])
+def test_hybrid_ep_bitwise_with_grads(ep, pad):
+  T, K, L, Hd = 29, 3, 4, 40
+  E = ep * L
+  rng = rng_for("hybrid", ep, pad)
+  idx, probs = routing(rng, ep, T, K, E)
+  rmap, dprobs = oracle.topk_to_map(idx, probs, E)
+  x = H.rand(rng, (ep, T, Hd), np.float32).astype(jnp.bfloat16)
+
+  def fn(impl, x, rmap, dprobs):
+    def loss(x, dprobs):
+      px, pprobs, _, tpe, handle = jmd.hybrid_ep_dispatch(
+          x, rmap, dprobs, L, "ep", topk=K, pad_multiple=pad, implementation=impl)
+      y = jmd.hybrid_ep_combine(px * pprobs[:, None].astype(px.dtype), handle, "ep",
+                                implementation=impl)
+      return y.astype(jnp.float32).sum(), (px, pprobs, tpe, handle, y)
+
+    (_, aux), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, dprobs)
+    return aux, g
+
+  out = both(fn, ep, x, rmap, dprobs)
+  assert_same(out["native"], out["reference"], "hybrid")
+  want = oracle.hybrid_dispatch(x, rmap, dprobs, L, pad_multiple=pad or 1, topk=K)
+  H.assert_bitwise(out["native"][0][0], want["permuted_x"], "permuted_x vs oracle")
+
+
+def test_thousand_calls_fresh_routing(ep):
+  """1000 dispatch+combine pairs in one jitted loop, native vs reference on each."""
+  T, K, E, Hd, n = 64, 4, 8 * ep, 128, 1000
+
+  def per_rank(seed):
+    me = jax.lax.axis_index("ep")
+
+    def body(i, bad):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), i), me)
+      k1, k2, k3 = jax.random.split(key, 3)
+      scores = jax.random.uniform(k1, (T, E))
+      idx = jax.lax.top_k(scores, K)[1].astype(jnp.int32)
+      idx = jnp.where(jax.random.uniform(k2, (T, K)) < 0.1, -1, idx)
+      probs = jnp.where(idx >= 0, 0.5, 0.0)
+      x = jax.random.normal(k3, (T, Hd), jnp.float32).astype(jnp.bfloat16)
+      outs = []
+      for impl in IMPLS:
+        recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation=impl)
+        outs.append((recv_x, jmd.fused_combine(recv_x, handle, "ep", implementation=impl)))
+      (a, ya), (b, yb) = outs
+      mismatch = (a != b).sum() + (ya != yb).sum()
+      return bad + mismatch.astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, n, body, jnp.int32(0))[None]
+
+  seeds = np.arange(ep, dtype=np.int32)[:, None] * 0 + 7
+  start = time.perf_counter()
+  bad = H.to_np(H.ep_map(per_rank, ep)(seeds))
+  assert (bad == 0).all(), f"native differs from reference in {bad.tolist()} elements over {n} calls"
+  assert time.perf_counter() - start < 240
+
+
+def test_peer_that_never_arrives_fails_fast():
+  """Only GPU 0 of a two-GPU group calls combine: an error within the timeout, not a hang."""
+  if gpu_count() < 2:
+    pytest.skip("needs 2 GPUs")
+  script = textwrap.dedent("""
+      import sys, jax, jax.numpy as jnp, numpy as np
+      from jax_moe_dispatch import buffer
+      from jax_moe_dispatch.backends import native
+      gpus = jax.devices("gpu")[:2]
+      buffer.get_buffer(gpus, 256, timeout_s=2.0)
+      native._register()
+      def alone(rows):
+          return jax.ffi.ffi_call("jmd_combine", jax.ShapeDtypeStruct((4, 8), jnp.float32),
+                                  has_side_effect=True)(
+              jnp.zeros((1,), jnp.int32), jnp.zeros((4, 2), jnp.int32), jnp.zeros((2,), jnp.int32),
+              rows, num_blocks=np.int64(2))
+      rows = jax.device_put(jnp.ones((8, 8), jnp.float32), gpus[0])
+      try:
+          jax.block_until_ready(jax.jit(alone)(rows))
+      except Exception as e:
+          print("XLA error:", str(e)[:300])
+          print("last_error:", buffer.last_error())
+          sys.stdout.flush()
+          import os; os._exit(3)
+      print("no error"); sys.exit(0)
+  """)
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ))
+  elapsed = time.perf_counter() - start
+  assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-3000:]
+  assert "timed out" in out.stdout and "waiting for GPU" in out.stdout, out.stdout
+  assert elapsed < 120, elapsed
