@@ -2,7 +2,11 @@
 
 #include <cuda_runtime.h>
 
+#include <new>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -27,11 +31,32 @@ struct DeviceGuard {
   ~DeviceGuard() { cudaSetDevice(saved); }
 };
 
+// The Diag lives in our own page of host memory, registered with CUDA, so it stays
+// readable after a failed kernel takes the CUDA context down.
+cudaError_t AllocDiag(Diag** host, Diag** device) {
+  void* page = std::aligned_alloc(4096, 4096);
+  if (page == nullptr) return cudaErrorMemoryAllocation;
+  *host = new (page) Diag{};
+  cudaError_t err = cudaHostRegister(page, 4096, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  if (err == cudaSuccess) err = cudaHostGetDevicePointer(reinterpret_cast<void**>(device), page, 0);
+  if (err != cudaSuccess) {
+    std::free(page);
+    *host = nullptr;
+  }
+  return err;
+}
+
+void FreeDiag(Diag* host) {
+  if (host == nullptr) return;
+  cudaHostUnregister(host);
+  std::free(host);
+}
+
 void FreeMemberLocked(Member& m) {
   cudaSetDevice(m.device);
   cudaDeviceSynchronize();
   if (m.regions[m.position] != nullptr) cudaFree(m.regions[m.position]);
-  if (m.diag_host != nullptr) cudaFreeHost(m.diag_host);
+  FreeDiag(m.diag_host);
   m.regions[m.position] = nullptr;
   m.diag_host = nullptr;
 }
@@ -121,20 +146,16 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
     cudaSetDevice(devices[i]);
     cudaError_t err = cudaMalloc(&regions[i], sizeof(SignalRegion));
     if (err == cudaSuccess) err = cudaMemset(regions[i], 0, sizeof(SignalRegion));
-    if (err == cudaSuccess) {
-      err = cudaHostAlloc(&m->diag_host, sizeof(Diag), cudaHostAllocMapped | cudaHostAllocPortable);
-    }
-    if (err == cudaSuccess) err = cudaHostGetDevicePointer(&m->diag_device, m->diag_host, 0);
+    if (err == cudaSuccess) err = AllocDiag(&m->diag_host, &m->diag_device);
     if (err == cudaSuccess) err = cudaDeviceSynchronize();
     if (err != cudaSuccess) {
       for (int k = 0; k <= i; ++k) {
         if (regions[k] != nullptr) { cudaSetDevice(devices[k]); cudaFree(regions[k]); }
       }
-      for (auto& done : made) cudaFreeHost(done->diag_host);
-      if (m->diag_host != nullptr) cudaFreeHost(m->diag_host);
+      for (auto& done : made) FreeDiag(done->diag_host);
+      FreeDiag(m->diag_host);
       return CudaError("allocating the signal region", err);
     }
-    *m->diag_host = Diag{};
     made.push_back(std::move(m));
   }
   for (auto& m : made) {
@@ -186,7 +207,8 @@ std::string LastError(int device) {
   auto it = g_members.find(device);
   if (it == g_members.end() || it->second->diag_host == nullptr) return "";
   const Member& m = *it->second;
-  const Diag d = *m.diag_host;  // Host-mapped: readable even after the context failed.
+  Diag d;  // Our own host page: readable even after the context failed.
+  std::memcpy(&d, m.diag_host, sizeof(d));
   if (d.code == kDiagNone) return "";
   std::ostringstream os;
   if (d.code == kDiagTimeout) {

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -80,9 +81,11 @@ int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
   return n;
 }
 
-// Shared by fresh and cached dispatch: checks payloads and fills the streams.
-ffi::Error AddStreams(DispatchParams& p, NotifyParams& n, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                      int64_t num_payloads, int64_t num_tokens, int64_t ranks, int64_t max_recv) {
+// Shared by fresh and cached dispatch: checks the arrays, fills the streams and
+// the addresses this rank publishes (its inputs, then its send lists).
+ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, const S32Matrix& lists, ffi::RemainingArgs args,
+                         ffi::RemainingRets rets, int64_t num_payloads, int64_t max_recv) {
+  const int64_t ranks = lists.dimensions()[0], num_tokens = lists.dimensions()[1];
   const int64_t num_streams = static_cast<int64_t>(args.size());
   if (num_streams != static_cast<int64_t>(rets.size()) || num_payloads > num_streams) {
     return Invalid("dispatch needs one output per payload");
@@ -108,83 +111,74 @@ ffi::Error AddStreams(DispatchParams& p, NotifyParams& n, ffi::RemainingArgs arg
     }
     if (bytes > INT32_MAX / 2) return Invalid("rows over 1 GiB are not supported");
     Stream& s = p.streams[i];
-    s.src = static_cast<const char*>(in->untyped_data());
+    s.dst = static_cast<char*>((*out)->untyped_data());
     s.bytes = static_cast<int32_t>(bytes);
     s.dest_stride = sliced ? bytes : 0;
     s.tok_stride = sliced ? bytes * ranks : bytes;
-    s.width = VectorWidth(bytes, s.src);
-    const int out_width = VectorWidth(bytes, (*out)->untyped_data());
-    if (out_width < s.width) s.width = out_width;
-    n.ptrs[i] = reinterpret_cast<uint64_t>((*out)->untyped_data());
+    // Peers' inputs have the same shapes; XLA aligns every buffer to at least 16 bytes.
+    s.width = std::min(VectorWidth(bytes, in->untyped_data()), VectorWidth(bytes, s.dst));
+    n.ptrs[i] = reinterpret_cast<uint64_t>(in->untyped_data());
   }
   p.num_streams = static_cast<int32_t>(num_streams);
+  n.ptrs[num_streams] = reinterpret_cast<uint64_t>(lists.typed_data());
+  p.num_tokens = static_cast<int32_t>(num_tokens);
+  p.max_recv = static_cast<int32_t>(max_recv);
+  n.max_recv = p.max_recv;
   return ffi::Error::Success();
 }
 
 int Blocks(int64_t num_blocks) { return num_blocks < 1 ? 1 : static_cast<int>(num_blocks); }
 
-ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
-                        ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> counts,
-                        ffi::RemainingArgs args, ffi::ResultBuffer<ffi::S32, 2> all_counts,
-                        ffi::ResultBuffer<ffi::S32, 1> recv_token, ffi::RemainingRets rets,
-                        int64_t num_payloads, int64_t num_blocks) {
-  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
-  const int64_t max_recv = recv_token->dimensions()[0];
+ffi::Error Launch(const GroupView& g, const NotifyParams& n, const DispatchParams& p, int64_t num_blocks,
+                  cudaStream_t stream) {
+  if (cudaError_t err = LaunchNotify(g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
+  if (cudaError_t err = LaunchDispatch(g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
+    return CudaFailure("dispatch launch", err);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Vector counts,
+                        S32Matrix lists, ffi::RemainingArgs args, ffi::Result<S32Matrix> all_counts,
+                        ffi::Result<S32Vector> recv_token, ffi::RemainingRets rets, int64_t num_payloads,
+                        int64_t num_blocks) {
+  const int64_t ranks = lists.dimensions()[0];
   if (counts.dimensions()[0] != ranks || all_counts->dimensions()[0] != ranks ||
       all_counts->dimensions()[1] != ranks) {
-    return Invalid("counts must be [R] and all_counts [R, R]");
+    return Invalid("counts must be [R], lists [R, T] and all_counts [R, R]");
   }
   auto g = Enter(device, ranks);
   if (!g.has_value()) return g.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = AddStreams(p, n, args, rets, num_payloads, num_tokens, ranks, max_recv); err.failure()) return err;
-  p.with_token = true;
-  n.ptrs[p.num_streams] = reinterpret_cast<uint64_t>(recv_token->typed_data());
-  p.send_pos = send_pos.typed_data();
-  p.num_tokens = static_cast<int32_t>(num_tokens);
-  p.max_recv = static_cast<int32_t>(max_recv);
+  if (auto err = SetUpDispatch(p, n, lists, args, rets, num_payloads, recv_token->dimensions()[0]);
+      err.failure()) {
+    return err;
+  }
+  p.recv_token = recv_token->typed_data();
   n.axis_index = axis_index.typed_data();
   n.counts = counts.typed_data();
   n.all_counts = all_counts->typed_data();
-  n.max_recv = p.max_recv;
-  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  if (cudaError_t err = LaunchDispatch(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
-    return CudaFailure("dispatch launch", err);
-  }
-  return ffi::Error::Success();
+  return Launch(*g, n, p, num_blocks, stream);
 }
 
-ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
-                              ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> dest_offset,
-                              ffi::Buffer<ffi::S32, 1> recv_count, ffi::RemainingArgs args,
-                              ffi::RemainingRets rets, int64_t max_recv, int64_t num_blocks) {
-  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
-  if (dest_offset.dimensions()[0] != ranks || recv_count.dimensions()[0] != ranks) {
-    return Invalid("dest_offset and recv_count must be [R]");
-  }
+ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix lists,
+                              S32Vector recv_count, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                              int64_t max_recv, int64_t num_blocks) {
+  const int64_t ranks = lists.dimensions()[0];
+  if (recv_count.dimensions()[0] != ranks) return Invalid("recv_count must be [R]");
   auto g = Enter(device, ranks);
   if (!g.has_value()) return g.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = AddStreams(p, n, args, rets, args.size(), num_tokens, ranks, max_recv); err.failure()) return err;
-  p.with_token = false;
-  p.send_pos = send_pos.typed_data();
-  p.num_tokens = static_cast<int32_t>(num_tokens);
-  p.max_recv = static_cast<int32_t>(max_recv);
+  if (auto err = SetUpDispatch(p, n, lists, args, rets, args.size(), max_recv); err.failure()) return err;
   n.axis_index = axis_index.typed_data();
-  n.cached_offset = dest_offset.typed_data();
   n.cached_recv = recv_count.typed_data();
-  n.max_recv = p.max_recv;
-  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  if (cudaError_t err = LaunchDispatch(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
-    return CudaFailure("dispatch launch", err);
-  }
-  return ffi::Error::Success();
+  return Launch(*g, n, p, num_blocks, stream);
 }
 
-ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> axis_index,
-                       ffi::Buffer<ffi::S32, 2> send_pos, ffi::Buffer<ffi::S32, 1> dest_offset,
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
+                       S32Vector dest_offset,
                        ffi::AnyBuffer rows, ffi::Result<ffi::AnyBuffer> out, int64_t num_blocks) {
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   auto rows_dims = rows.dimensions();
@@ -205,7 +199,6 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32
   if (!g.has_value()) return g.error();
   NotifyParams n{};
   n.axis_index = axis_index.typed_data();
-  n.cached_offset = dest_offset.typed_data();
   n.ptrs[0] = reinterpret_cast<uint64_t>(rows.untyped_data());
   n.max_recv = static_cast<int32_t>(rows_dims[0]);
   p.send_pos = send_pos.typed_data();
@@ -229,13 +222,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatch, jmd::DispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<S32Scalar>()      // axis_index [1]
-                                  .Arg<S32Matrix>()   // send_pos_raw [T, R]
+                                  .Arg<S32Scalar>()   // axis_index [1]
                                   .Arg<S32Vector>()   // counts [R]
-                                  .RemainingArgs()                   // payloads, then sliced
+                                  .Arg<S32Matrix>()   // lists [R, T]
+                                  .RemainingArgs()    // payloads, then sliced
                                   .Ret<S32Matrix>()   // all_counts [R, R]
                                   .Ret<S32Vector>()   // recv_token [M]
-                                  .RemainingRets()                   // received arrays
+                                  .RemainingRets()    // received arrays
                                   .Attr<int64_t>("num_payloads")
                                   .Attr<int64_t>("num_blocks"));
 
@@ -243,12 +236,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatchCached, jmd::DispatchCachedImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<S32Scalar>()      // axis_index [1]
-                                  .Arg<S32Matrix>()   // send_pos [T, R]
-                                  .Arg<S32Vector>()   // dest_offset [R]
+                                  .Arg<S32Scalar>()   // axis_index [1]
+                                  .Arg<S32Matrix>()   // lists [R, T] (kept positions)
                                   .Arg<S32Vector>()   // recv_count [R]
-                                  .RemainingArgs()                   // payloads
-                                  .RemainingRets()                   // received payloads
+                                  .RemainingArgs()    // payloads
+                                  .RemainingRets()    // received payloads
                                   .Attr<int64_t>("max_recv")
                                   .Attr<int64_t>("num_blocks"));
 

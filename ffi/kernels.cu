@@ -117,34 +117,27 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
     if (seen != (1u << size) - 1 || me < 0 || me >= size) Fail(g, kDiagBadAxis, kStageNotify, 0, 0);
   }
   __syncthreads();
-  if (threadIdx.x < size) {
+  if (threadIdx.x < size && p.all_counts != nullptr) {
     const int d = threadIdx.x;
-    int offset = 0;
-    if (p.cached_offset != nullptr) {
-      offset = p.cached_offset[d];
-    } else {
-      for (int s = 0; s < me; ++s) offset += layout.counts[s][d];
-    }
-    layout.my_offset[d] = offset;
-    if (p.all_counts != nullptr) {
-      for (int s = 0; s < size; ++s) p.all_counts[s * size + d] = layout.counts[s][d];
-    }
+    for (int s = 0; s < size; ++s) p.all_counts[s * size + d] = layout.counts[s][d];
   }
   if (threadIdx.x == 0) {
-    int total = 0;
-    if (p.cached_recv != nullptr) {
-      for (int s = 0; s < size; ++s) total += p.cached_recv[s];
-    } else {
-      for (int s = 0; s < size; ++s) total += layout.counts[s][me];
+    // Rows from source s follow those of sources < s; rows past max_recv are dropped.
+    int start = 0;
+    for (int s = 0; s < size; ++s) {
+      layout.recv_start[s] = start;
+      const int count = p.cached_recv != nullptr ? p.cached_recv[s] : layout.counts[s][me];
+      start += max(0, min(count, p.max_recv - start));
     }
-    layout.num_recv = min(total, p.max_recv);
+    layout.recv_start[size] = start;
     layout.my_axis_index = me;
   }
 }
 
 // ---------------------------------------------------------------------------
-// Dispatch: warp per token; each row is loaded once and stored to every
-// destination that receives it, straight into that destination's output.
+// Dispatch: each rank pulls its receive rows. Row `row` of source s is token
+// list_s[me][row - start[s]] of s; its data is loaded from s's inputs and stored
+// into this rank's outputs.
 
 template <int W> struct VecOf;
 template <> struct VecOf<16> { using T = int4; };
@@ -152,55 +145,6 @@ template <> struct VecOf<8> { using T = int2; };
 template <> struct VecOf<4> { using T = int; };
 template <> struct VecOf<2> { using T = short; };
 template <> struct VecOf<1> { using T = char; };
-
-constexpr int kCopyUnroll = 4;
-
-template <int W, int RB>
-__device__ __forceinline__ void CopyToAll(const char* src, char* const* dst_base, const int (&rows)[RB],
-                                          int bytes, int lane) {
-  using V = typename VecOf<W>::T;
-  const int nvec = bytes / W;
-  const V* in = reinterpret_cast<const V*>(src);
-  V* out[RB];
-#pragma unroll
-  for (int d = 0; d < RB; ++d) {
-    out[d] = rows[d] >= 0 ? reinterpret_cast<V*>(dst_base[d] + static_cast<int64_t>(rows[d]) * bytes) : nullptr;
-  }
-  for (int base = 0; base < nvec; base += 32 * kCopyUnroll) {
-    V v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int i = base + u * 32 + lane;
-      if (i < nvec) v[u] = __ldg(in + i);
-    }
-#pragma unroll
-    for (int d = 0; d < RB; ++d) {
-      if (out[d] == nullptr) continue;  // Warp-uniform.
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int i = base + u * 32 + lane;
-        if (i < nvec) out[d][i] = v[u];
-      }
-    }
-  }
-}
-
-template <int W>
-__device__ __forceinline__ void CopyOne(const char* src, char* dst, int bytes, int lane) {
-  using V = typename VecOf<W>::T;
-  const int nvec = bytes / W;
-  const V* in = reinterpret_cast<const V*>(src);
-  V* out = reinterpret_cast<V*>(dst);
-  for (int i = lane; i < nvec; i += 32) out[i] = __ldg(in + i);
-}
-
-template <int W>
-__device__ __forceinline__ void Fill(char* dst, int64_t bytes, int64_t tid, int64_t nthreads) {
-  using V = typename VecOf<W>::T;
-  V zero{};
-  V* out = reinterpret_cast<V*>(dst);
-  for (int64_t i = tid; i < bytes / W; i += nthreads) out[i] = zero;
-}
 
 #define JMD_SWITCH_WIDTH(width, ...)          \
   switch (width) {                            \
@@ -211,63 +155,126 @@ __device__ __forceinline__ void Fill(char* dst, int64_t bytes, int64_t tid, int6
     default: { constexpr int W = 1; __VA_ARGS__; } break;  \
   }
 
-template <int RB>
+// Rows shorter than this (routing metadata, FP8 scales) move one vector per thread;
+// longer rows (hidden states) one row per warp.
+constexpr int kSmallRow = 1024;
+constexpr int kCopyUnroll = 8;
+
+struct Sources {
+  const char* base[kMaxStreams - 1][kMaxRanks];  // [stream][source axis index]
+  const int32_t* list[kMaxRanks];               // source s's list for me
+  int start[kMaxRanks + 1];
+};
+
+// (source, position in its list) of a receive row.
+__device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
+  int s = 0;
+  while (s + 1 < size && row >= src.start[s + 1]) ++s;
+  return s;
+}
+
+template <int W>
+__device__ __forceinline__ void PullSmall(const Stream& st, int index, const Sources& src, int size, int me,
+                                          int num_recv, int64_t tid, int64_t nthreads) {
+  using V = typename VecOf<W>::T;
+  const int nvec = st.bytes / W;
+  const int64_t total = static_cast<int64_t>(num_recv) * nvec;
+  for (int64_t idx = tid; idx < total; idx += nthreads) {
+    const int row = static_cast<int>(idx / nvec), i = static_cast<int>(idx % nvec);
+    const int s = SourceOf(src, size, row);
+    const int t = src.list[s][row - src.start[s]];
+    const V* in = reinterpret_cast<const V*>(src.base[index][s] + t * st.tok_stride + me * st.dest_stride);
+    reinterpret_cast<V*>(st.dst + static_cast<int64_t>(row) * st.bytes)[i] = __ldg(in + i);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void PullRow(const char* src, char* dst, int bytes, int lane) {
+  using V = typename VecOf<W>::T;
+  const int nvec = bytes / W;
+  const V* in = reinterpret_cast<const V*>(src);
+  V* out = reinterpret_cast<V*>(dst);
+  for (int base = 0; base < nvec; base += 32 * kCopyUnroll) {
+    V v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < nvec) v[u] = __ldg(in + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < nvec) out[i] = v[u];
+    }
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void Fill(char* dst, int64_t bytes, int64_t tid, int64_t nthreads) {
+  using V = typename VecOf<W>::T;
+  V zero{};
+  V* out = reinterpret_cast<V*>(dst);
+  for (int64_t i = tid; i < bytes / W; i += nthreads) out[i] = zero;
+}
+
 __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __grid_constant__ DispatchParams p) {
-  __shared__ char* dst_base[kMaxStreams][RB];
-  __shared__ int offset[RB];
+  __shared__ Sources src;
   SignalRegion* mine = g.regions[g.position];
   const Layout& layout = mine->layout;
   const int size = g.size;
-  for (int i = threadIdx.x; i < kMaxStreams * RB; i += blockDim.x) {
-    const int s = i / RB, d = i % RB;
-    dst_base[s][d] = d < size ? reinterpret_cast<char*>(layout.ptrs[d][s]) : nullptr;
-  }
-  if (threadIdx.x < RB) offset[threadIdx.x] = threadIdx.x < size ? layout.my_offset[threadIdx.x] : 0;
-  __syncthreads();
   const int me = layout.my_axis_index;
-  const int num_recv = layout.num_recv;
+  for (int i = threadIdx.x; i < (kMaxStreams - 1) * kMaxRanks; i += blockDim.x) {
+    const int k = i / kMaxRanks, s = i % kMaxRanks;
+    src.base[k][s] = s < size && k < p.num_streams ? reinterpret_cast<const char*>(layout.ptrs[s][k]) : nullptr;
+  }
+  if (threadIdx.x < kMaxRanks) {
+    const int s = threadIdx.x;
+    src.list[s] = s < size ? reinterpret_cast<const int32_t*>(layout.ptrs[s][p.num_streams]) +
+                                 static_cast<int64_t>(me) * p.num_tokens
+                           : nullptr;
+  }
+  if (threadIdx.x <= kMaxRanks) src.start[threadIdx.x] = layout.recv_start[min(static_cast<int>(threadIdx.x), size)];
+  __syncthreads();
+  const int num_recv = src.start[size];
   const int lane = threadIdx.x % 32;
   const int warps_per_block = blockDim.x / 32;
-  const int total_warps = gridDim.x * warps_per_block;
-
-  for (int t = blockIdx.x * warps_per_block + threadIdx.x / 32; t < p.num_tokens; t += total_warps) {
-    int row = -1;
-    if (lane < size) {
-      const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
-      if (pos >= 0 && offset[lane] + pos < p.max_recv) row = offset[lane] + pos;
-    }
-    int rows[RB];
-#pragma unroll
-    for (int d = 0; d < RB; ++d) rows[d] = __shfl_sync(0xffffffffu, row, d);
-    for (int s = 0; s < p.num_streams; ++s) {
-      const Stream& st = p.streams[s];
-      const char* src = st.src + static_cast<int64_t>(t) * st.tok_stride;
-      if (st.dest_stride == 0) {
-        JMD_SWITCH_WIDTH(st.width, CopyToAll<W, RB>(src, dst_base[s], rows, st.bytes, lane));
-      } else {
-#pragma unroll
-        for (int d = 0; d < RB; ++d) {
-          if (rows[d] < 0) continue;
-          char* dst = dst_base[s][d] + static_cast<int64_t>(rows[d]) * st.bytes;
-          JMD_SWITCH_WIDTH(st.width, CopyOne<W>(src + d * st.dest_stride, dst, st.bytes, lane));
-        }
-      }
-    }
-    if (p.with_token && row >= 0) reinterpret_cast<int32_t*>(dst_base[p.num_streams][lane])[row] = t;
-  }
-
-  // Padding rows [num_recv, max_recv) of my own outputs: zeros (token ids: -1).
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int s = 0; s < p.num_streams; ++s) {
-    const Stream& st = p.streams[s];
-    char* begin = dst_base[s][me] + static_cast<int64_t>(num_recv) * st.bytes;
+
+  // Short rows and source token ids: every thread a vector, loads independent.
+  for (int k = 0; k < p.num_streams; ++k) {
+    const Stream& st = p.streams[k];
+    if (st.bytes >= kSmallRow) continue;
+    JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, tid, nthreads));
+  }
+  if (p.recv_token != nullptr) {
+    for (int64_t row = tid; row < num_recv; row += nthreads) {
+      const int s = SourceOf(src, size, static_cast<int>(row));
+      p.recv_token[row] = src.list[s][row - src.start[s]];
+    }
+  }
+  // Long rows: a warp per row.
+  for (int row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < num_recv;
+       row += gridDim.x * warps_per_block) {
+    const int s = SourceOf(src, size, row);
+    const int64_t t = src.list[s][row - src.start[s]];
+    for (int k = 0; k < p.num_streams; ++k) {
+      const Stream& st = p.streams[k];
+      if (st.bytes < kSmallRow) continue;
+      const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
+      char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
+      JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
+    }
+  }
+  // Padding rows [num_recv, max_recv): zeros (token ids: -1).
+  for (int k = 0; k < p.num_streams; ++k) {
+    const Stream& st = p.streams[k];
+    char* begin = st.dst + static_cast<int64_t>(num_recv) * st.bytes;
     const int64_t bytes = static_cast<int64_t>(p.max_recv - num_recv) * st.bytes;
     JMD_SWITCH_WIDTH(st.width, Fill<W>(begin, bytes, tid, nthreads));
   }
-  if (p.with_token) {
-    int32_t* token = reinterpret_cast<int32_t*>(dst_base[p.num_streams][me]);
-    for (int64_t i = num_recv + tid; i < p.max_recv; i += nthreads) token[i] = -1;
+  if (p.recv_token != nullptr) {
+    for (int64_t i = num_recv + tid; i < p.max_recv; i += nthreads) p.recv_token[i] = -1;
   }
   Finish(g, mine);
 }
@@ -403,14 +410,6 @@ cudaError_t ByRankBucket(int size, Args&&... args) {
   return Fn<8>::Run(args...);
 }
 
-template <int RB>
-struct RunDispatch {
-  static cudaError_t Run(const GroupView& g, const DispatchParams& p, int blocks, cudaStream_t stream) {
-    DispatchKernel<RB><<<blocks, kThreads, 0, stream>>>(g, p);
-    return cudaGetLastError();
-  }
-};
-
 template <typename T>
 struct CombineOf {
   template <int RB>
@@ -430,7 +429,8 @@ cudaError_t LaunchNotify(const GroupView& g, const NotifyParams& p, cudaStream_t
 }
 
 cudaError_t LaunchDispatch(const GroupView& g, const DispatchParams& p, int num_blocks, cudaStream_t stream) {
-  return ByRankBucket<RunDispatch>(g.size, g, p, num_blocks, stream);
+  DispatchKernel<<<num_blocks, kThreads, 0, stream>>>(g, p);
+  return cudaGetLastError();
 }
 
 cudaError_t LaunchCombine(const GroupView& g, const CombineParams& p, int num_blocks, cudaStream_t stream) {

@@ -1,13 +1,12 @@
 // Kernel launchers (kernels.cu). Each returns the launch's cudaError_t.
 //
 // One call of an op is two launches on the caller's stream:
-//   notify:  one block; publishes this rank's counts and buffer addresses to every
+//   notify:  one block; publishes this rank's counts and input addresses to every
 //            peer, waits for theirs (bounded), and derives the layout.
-//   data:    `num_blocks` blocks; moves the rows (dispatch: stores into the peers'
-//            outputs; combine: loads from the peers' inputs and sums in float32),
-//            then the last block to finish tells every peer "done" and waits until
-//            every peer has said the same, so no buffer is released while a peer
-//            still touches it.
+//   data:    `num_blocks` blocks; pulls rows from the peers' inputs into this rank's
+//            outputs (dispatch: copies; combine: float32 sums), then the last block
+//            to finish tells every peer "done reading you" and waits until every
+//            peer has said the same, so no input is released while a peer reads it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,10 +17,11 @@
 
 namespace jmd {
 
-// One per-token array moved by dispatch.
+// One per-token array moved by dispatch. Its source on rank s is the address s
+// published for it: [T, ...] (whole rows) or [T, R, ...] (sliced per destination).
 struct Stream {
-  const char* src;       // [T, ...] (whole rows) or [T, R, ...] (sliced per destination).
-  int64_t tok_stride;    // bytes between consecutive tokens of src.
+  char* dst;             // [M, ...] this rank's output.
+  int64_t tok_stride;    // bytes between consecutive tokens of a source.
   int64_t dest_stride;   // bytes between destinations of one token (0: whole rows).
   int32_t bytes;         // bytes of one received row.
   int32_t width;         // vector width in bytes: 16, 8, 4, 2 or 1; divides `bytes`.
@@ -30,19 +30,20 @@ struct Stream {
 struct NotifyParams {
   const int32_t* axis_index;     // [1] this rank's index on the axis.
   const int32_t* counts;         // [R] rows for each destination; null for cached calls.
-  const int32_t* cached_offset;  // [R] (cached calls) my first row at each destination.
   const int32_t* cached_recv;    // [R] (cached calls) rows kept from each source.
   int32_t* all_counts;           // [R, R] output, or null.
   uint64_t ptrs[kMaxStreams];    // addresses this rank publishes.
   int32_t max_recv;
 };
 
+// Every rank publishes its stream sources (slots 0..num_streams-1) and its send
+// lists (slot num_streams): [R, T] int32, list[d][i] = the token at position i of
+// the list this rank sends to rank d.
 struct DispatchParams {
   Stream streams[kMaxStreams - 1];
   int32_t num_streams;
-  bool with_token;               // also write each row's source token (stream slot num_streams).
-  const int32_t* send_pos;       // [T, R] position in each destination's list, -1: not sent.
-  int32_t num_tokens;
+  int32_t* recv_token;           // [M] source token of each row, or null.
+  int32_t num_tokens;            // T of every rank (the lists' row length).
   int32_t max_recv;
 };
 

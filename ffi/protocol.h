@@ -2,11 +2,12 @@
 //
 // Every GPU of an expert-parallel group owns one small SignalRegion (cudaMalloc,
 // peer-accessible from the other GPUs of the group). Rows never pass through it:
-// dispatch stores rows straight into the receivers' XLA output buffers and combine
-// loads them straight from the experts' XLA input buffers, through CUDA peer access.
+// both ops pull. Dispatch loads each received row straight from the sender's XLA
+// input buffer into the receiver's output; combine loads each token's rows straight
+// from the experts' XLA buffers into the source's output; through CUDA peer access.
 // The region only carries, per call ("epoch"):
 //   * slots[g]: what group member g published for this call (its index on the JAX
-//     axis, its row counts to every destination, the addresses of its buffers),
+//     axis, its row counts to every destination, the addresses of its inputs),
 //     written by g into every member's region, flag (= epoch) stored last;
 //   * done[g]: the epoch at which member g finished touching this member's buffers;
 //   * layout: this member's private result of the notify step.
@@ -32,8 +33,7 @@ struct alignas(64) Slot {
 struct Layout {
   int32_t counts[kMaxRanks][kMaxRanks];   // [source axis index][destination axis index].
   uint64_t ptrs[kMaxRanks][kMaxStreams];  // [axis index][stream]: published addresses.
-  int32_t my_offset[kMaxRanks];           // first row of my rows at each destination.
-  int32_t num_recv;                       // rows this rank receives, clipped to max_recv.
+  int32_t recv_start[kMaxRanks + 1];      // my receive rows from source s: [start[s], start[s+1]).
   int32_t my_axis_index;
   uint32_t block_counter;                 // last-block detection in the data kernels.
 };
