@@ -196,13 +196,15 @@ def test_peer_that_never_arrives_fails_fast():
   if gpu_count() < 2:
     pytest.skip("needs 2 GPUs")
   script = textwrap.dedent("""
-      import sys, jax, jax.numpy as jnp, numpy as np
+      import faulthandler, os, sys
+      faulthandler.enable()
+      import jax, jax.numpy as jnp, numpy as np
       from jax_moe_dispatch import buffer
       from jax_moe_dispatch.backends import native
       gpus = jax.devices("gpu")[:2]
-      print("start", flush=True)
       buffer.get_buffer(gpus, 256, timeout_s=2.0)
-      native._register()
+      native.native_available()  # Registers the FFI targets.
+      print("start", flush=True)
       def alone(rows):
           return jax.ffi.ffi_call("jmd_combine", jax.ShapeDtypeStruct((4, 8), jnp.float32),
                                   has_side_effect=True)(
@@ -212,20 +214,18 @@ def test_peer_that_never_arrives_fails_fast():
       try:
           jax.block_until_ready(jax.jit(alone)(rows))
       except Exception as e:
-          print("XLA error:", str(e)[:300])
-          try:
-              print("last_error:", buffer.last_error())
-          except Exception as e:
-              print("last_error raised", type(e).__name__, e)
-          sys.stdout.flush()
-          import os; os._exit(3)
-      print("no error"); sys.exit(0)
+          print("last_error:", buffer.last_error(), flush=True)
+          print("XLA error:", str(e)[:300], flush=True)
+          os._exit(3)
+      print("no error", flush=True)
   """)
   start = time.perf_counter()
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # The parent holds most memory.
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
                        env=env)
   elapsed = time.perf_counter() - start
-  assert out.returncode == 3, (f"rc={out.returncode}\n" + out.stdout[-2000:] + out.stderr[-3000:])
-  assert "timed out" in out.stdout and "waiting for GPU" in out.stdout, out.stdout
+  report = f"rc={out.returncode}\n" + out.stdout[-2000:] + out.stderr[-3000:]
+  assert "no error" not in out.stdout, report
+  assert "timed out" in out.stdout and "waiting for GPU" in out.stdout, report
+  assert out.returncode == 3, report
   assert elapsed < 120, elapsed
