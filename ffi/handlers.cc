@@ -50,7 +50,11 @@ ffi::ErrorOr<GroupView> Enter(int32_t device, int64_t axis_size) {
             "this op runs over."));
   }
   if (std::string last = LastError(device); !last.empty()) {
-    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kInternal, "jax_moe_dispatch: an earlier call failed: " + last));
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        "jax_moe_dispatch: an earlier dispatch/combine on this GPU gave up (its results were "
+        "invalid): " + last + ". Fix: make every GPU of the axis run the same calls, then restart "
+        "the process or call jax_moe_dispatch.reset_hybrid_ep_buffer() once every GPU is idle."));
   }
   int current = -1;
   cudaGetDevice(&current);

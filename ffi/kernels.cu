@@ -28,9 +28,12 @@ __device__ __forceinline__ void StoreRelease(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Records what went wrong where the host can read it after the context fails.
+// Records what went wrong in host-mapped memory. The kernels do not trap (a trap
+// would take the CUDA context, and the diagnosis, down with it): the call gives up,
+// and the handler of this GPU's next call returns the diagnosis as an XLA error.
 __device__ void Fail(const GroupView& g, int32_t code, int32_t stage, int32_t peer, uint64_t seen) {
   volatile Diag* d = g.diag;
+  if (d->code != kDiagNone) return;  // Keep the first failure.
   d->stage = stage;
   d->peer = peer;
   d->device = g.device;
@@ -39,18 +42,21 @@ __device__ void Fail(const GroupView& g, int32_t code, int32_t stage, int32_t pe
   __threadfence_system();
   d->code = code;
   __threadfence_system();
-  __trap();
 }
 
-// Waits until *flag >= the current epoch; traps (an error XLA reports) on timeout.
-__device__ void WaitForEpoch(const uint64_t* flag, const GroupView& g, int32_t stage, int32_t peer) {
+// Waits until *flag >= the current epoch; false (recorded) after the timeout.
+__device__ bool WaitForEpoch(const uint64_t* flag, const GroupView& g, int32_t stage, int32_t peer) {
   uint64_t seen = LoadAcquire(flag);
-  if (seen >= g.epoch) return;
+  if (seen >= g.epoch) return true;
   const uint64_t start = GlobalTimer();
   while ((seen = LoadAcquire(flag)) < g.epoch) {
-    if (GlobalTimer() - start > g.timeout_ns) Fail(g, kDiagTimeout, stage, peer, seen);
+    if (GlobalTimer() - start > g.timeout_ns) {
+      Fail(g, kDiagTimeout, stage, peer, seen);
+      return false;
+    }
     __nanosleep(32);
   }
+  return true;
 }
 
 // The last block of a data kernel to finish tells every peer that this rank is done
@@ -69,7 +75,7 @@ __device__ void Finish(const GroupView& g, SignalRegion* mine) {
   __threadfence_system();
   if (threadIdx.x < g.size) {
     StoreRelease(&g.regions[threadIdx.x]->done[g.position], g.epoch);
-    WaitForEpoch(&mine->done[threadIdx.x], g, kStageDone, threadIdx.x);
+    WaitForEpoch(&mine->done[threadIdx.x], g, kStageDone, threadIdx.x);  // Failure recorded.
   }
   __threadfence_system();
 }
@@ -84,6 +90,9 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
   Layout& layout = mine->layout;
   const int me = *p.axis_index;
   __shared__ int axis_of[kMaxRanks];
+  __shared__ int aborted;
+  if (threadIdx.x == 0) aborted = 0;
+  __syncthreads();
 
   if (warp < size) {  // Publish into member `warp`'s slot for me.
     Slot* slot = &g.regions[warp]->slots[g.position];
@@ -97,16 +106,22 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
   }
   if (warp < size) {  // Read what member `warp` published for me.
     Slot* slot = &mine->slots[warp];
-    if (lane == 0) WaitForEpoch(&slot->flag, g, kStageNotify, warp);
-    __syncwarp();
-    LoadAcquire(&slot->flag);  // Every lane acquires before reading the content.
-    volatile Slot* in = slot;
-    const int axis = in->axis_index;
-    if (lane == 0) axis_of[warp] = axis;
-    if (axis >= 0 && axis < size) {
-      if (lane < size) layout.counts[axis][lane] = in->counts[lane];
-      if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane];
+    int arrived = 1;
+    if (lane == 0) arrived = WaitForEpoch(&slot->flag, g, kStageNotify, warp);
+    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    int axis = -1;
+    if (arrived) {
+      LoadAcquire(&slot->flag);  // Every lane acquires before reading the content.
+      volatile Slot* in = slot;
+      axis = in->axis_index;
+      if (axis >= 0 && axis < size) {
+        if (lane < size) layout.counts[axis][lane] = in->counts[lane];
+        if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane];
+      }
+    } else if (lane == 0) {
+      aborted = 1;
     }
+    if (lane == 0) axis_of[warp] = axis;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -114,9 +129,14 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
     for (int w = 0; w < size; ++w) {
       if (axis_of[w] >= 0 && axis_of[w] < size) seen |= 1u << axis_of[w];
     }
-    if (seen != (1u << size) - 1 || me < 0 || me >= size) Fail(g, kDiagBadAxis, kStageNotify, 0, 0);
+    if (!aborted && (seen != (1u << size) - 1 || me < 0 || me >= size)) {
+      Fail(g, kDiagBadAxis, kStageNotify, 0, 0);
+      aborted = 1;
+    }
+    layout.aborted = aborted;
   }
   __syncthreads();
+  if (aborted) return;
   if (threadIdx.x < size && p.all_counts != nullptr) {
     const int d = threadIdx.x;
     for (int s = 0; s < size; ++s) p.all_counts[s * size + d] = layout.counts[s][d];
@@ -221,6 +241,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
   __shared__ Sources src;
   SignalRegion* mine = g.regions[g.position];
   const Layout& layout = mine->layout;
+  if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
   const int size = g.size;
   const int me = layout.my_axis_index;
   for (int i = threadIdx.x; i < (kMaxStreams - 1) * kMaxRanks; i += blockDim.x) {
@@ -253,11 +274,17 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
       p.recv_token[row] = src.list[s][row - src.start[s]];
     }
   }
-  // Long rows: a warp per row.
-  for (int row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < num_recv;
-       row += gridDim.x * warps_per_block) {
-    const int s = SourceOf(src, size, row);
-    const int64_t t = src.list[s][row - src.start[s]];
+  // Long rows: a warp per row. Consecutive warps take rows of different sources
+  // (starting at a different source on every rank), so that every NVLink and the
+  // local memory are busy at once rather than one source after another.
+  int most = 0;
+  for (int s = 0; s < size; ++s) most = max(most, src.start[s + 1] - src.start[s]);
+  for (int w = blockIdx.x * warps_per_block + threadIdx.x / 32; w < most * size;
+       w += gridDim.x * warps_per_block) {
+    const int s = (w % size + me + 1) % size, j = w / size;
+    if (j >= src.start[s + 1] - src.start[s]) continue;
+    const int row = src.start[s] + j;
+    const int64_t t = src.list[s][j];
     for (int k = 0; k < p.num_streams; ++k) {
       const Stream& st = p.streams[k];
       if (st.bytes < kSmallRow) continue;
@@ -336,6 +363,7 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(GroupView g, const __g
   __shared__ const T* src_base[RB];
   __shared__ int offset[RB];
   SignalRegion* mine = g.regions[g.position];
+  if (mine->layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
   const int size = g.size;
   if (threadIdx.x < RB) {
     const int d = threadIdx.x;

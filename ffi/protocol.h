@@ -35,6 +35,7 @@ struct Layout {
   uint64_t ptrs[kMaxRanks][kMaxStreams];  // [axis index][stream]: published addresses.
   int32_t recv_start[kMaxRanks + 1];      // my receive rows from source s: [start[s], start[s+1]).
   int32_t my_axis_index;
+  int32_t aborted;                        // the notify step failed: data kernels do nothing.
   uint32_t block_counter;                 // last-block detection in the data kernels.
 };
 
