@@ -9,7 +9,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <sstream>
+#include <string>
 
 namespace jmd {
 namespace {
@@ -19,9 +19,7 @@ std::mutex g_mutex;
 std::map<int, std::unique_ptr<Member>> g_members;
 
 std::string CudaError(const char* what, cudaError_t err) {
-  std::ostringstream os;
-  os << what << ": " << cudaGetErrorName(err) << " (" << cudaGetErrorString(err) << ")";
-  return os.str();
+  return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
 // Restores the calling thread's current device on scope exit.
@@ -86,9 +84,7 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
   DeviceGuard guard;
   const int n = static_cast<int>(devices.size());
   if (n < 1 || n > kMaxRanks) {
-    std::ostringstream os;
-    os << "a group has 1.." << kMaxRanks << " GPUs, got " << n;
-    return os.str();
+    return "a group has 1.." + std::to_string(kMaxRanks) + " GPUs, got " + std::to_string(n);
   }
   int count = 0;
   if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
@@ -96,9 +92,8 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
   }
   for (int i = 0; i < n; ++i) {
     if (devices[i] < 0 || devices[i] >= count) {
-      std::ostringstream os;
-      os << "device ordinal " << devices[i] << " is not one of the " << count << " visible GPUs";
-      return os.str();
+      return "device ordinal " + std::to_string(devices[i]) + " is not one of the " +
+             std::to_string(count) + " visible GPUs";
     }
     for (int j = 0; j < i; ++j) {
       if (devices[i] == devices[j]) return "a GPU appears twice in the group";
@@ -120,11 +115,9 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
       int can = 0;
       cudaDeviceCanAccessPeer(&can, devices[i], devices[j]);
       if (!can) {
-        std::ostringstream os;
-        os << "GPU " << devices[i] << " cannot access GPU " << devices[j]
-           << " directly (no CUDA peer access, e.g. no NVLink/PCIe P2P between them); "
-              "the native backend needs every pair of the group to be peers";
-        return os.str();
+        return "GPU " + std::to_string(devices[i]) + " cannot access GPU " + std::to_string(devices[j]) +
+               " directly (no CUDA peer access, e.g. no NVLink/PCIe P2P between them); the native "
+               "backend needs every pair of the group to be peers";
       }
       cudaError_t err = cudaDeviceEnablePeerAccess(devices[j], 0);
       if (err == cudaErrorPeerAccessAlreadyEnabled) {
@@ -202,26 +195,40 @@ Member* FindMember(int device) {
   return it == g_members.end() ? nullptr : it->second.get();
 }
 
-std::string LastError(int device) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_members.find(device);
-  if (it == g_members.end() || it->second->diag_host == nullptr) return "";
-  const Member& m = *it->second;
-  Diag d;  // Our own host page: readable even after the context failed.
-  std::memcpy(&d, m.diag_host, sizeof(d));
-  if (d.code == kDiagNone) return "";
-  std::ostringstream os;
+std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_t timeout_ns) {
+  const std::string call = "call #" + std::to_string(d.epoch);
   if (d.code == kDiagTimeout) {
-    os << "GPU " << d.device << " timed out after " << m.timeout_ns / 1e9 << " s waiting for GPU "
-       << m.devices.at(d.peer) << " (group position " << d.peer << ") in the "
-       << (d.stage == kStageNotify ? "notify" : "completion") << " step of call #" << d.epoch
-       << " (it last saw call #" << d.seen
-       << "): not every GPU of the axis ran the same dispatch/combine calls in the same order";
-  } else {
-    os << "GPU " << d.device << " saw inconsistent axis indices in call #" << d.epoch
-       << ": the mesh axis does not match the group set up by get_buffer";
+    const std::string peer = d.peer >= 0 && d.peer < static_cast<int>(devices.size())
+                                 ? "GPU " + std::to_string(devices[d.peer]) + " (group position " +
+                                       std::to_string(d.peer) + ")"
+                                 : "group position " + std::to_string(d.peer);
+    return "GPU " + std::to_string(d.device) + " timed out after " +
+           std::to_string(timeout_ns / 1000000) + " ms waiting for " + peer + " in the " +
+           (d.stage == kStageNotify ? "notify" : "completion") + " step of " + call +
+           " (it last saw call #" + std::to_string(d.seen) +
+           "): not every GPU of the axis ran the same dispatch/combine calls in the same order";
   }
-  return os.str();
+  if (d.code == kDiagBadAxis) {
+    return "GPU " + std::to_string(d.device) + " saw inconsistent axis indices in " + call +
+           ": the mesh axis does not match the group set up by get_buffer";
+  }
+  return "";
+}
+
+std::string LastError(int device) {
+  Diag d{};
+  std::vector<int> devices;
+  uint64_t timeout_ns = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_members.find(device);
+    if (it == g_members.end() || it->second->diag_host == nullptr) return "";
+    std::memcpy(&d, it->second->diag_host, sizeof(d));  // Written by kernels (host-mapped).
+    if (d.code == kDiagNone) return "";
+    devices = it->second->devices;
+    timeout_ns = it->second->timeout_ns;
+  }
+  return DescribeDiag(d, devices, timeout_ns);
 }
 
 std::vector<std::vector<int>> Groups() {

@@ -39,6 +39,9 @@ Member* FindMember(int device);
 // A description of the last kernel failure recorded on `device`, or "".
 std::string LastError(int device);
 
+// The words for a recorded failure (pure; tested on machines without GPUs).
+std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_t timeout_ns);
+
 // Device lists of the registered groups.
 std::vector<std::vector<int>> Groups();
 

@@ -178,7 +178,7 @@ template <> struct VecOf<1> { using T = char; };
 // Rows shorter than this (routing metadata, FP8 scales) move one vector per thread;
 // longer rows (hidden states) one row per warp.
 constexpr int kSmallRow = 1024;
-constexpr int kCopyUnroll = 8;
+constexpr int kCopyUnroll = 10;  // Vectors in flight per lane: the copy is latency-bound.
 
 struct Sources {
   const char* base[kMaxStreams - 1][kMaxRanks];  // [stream][source axis index]
@@ -262,35 +262,54 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
-  // Short rows and source token ids: every thread a vector, loads independent.
-  for (int k = 0; k < p.num_streams; ++k) {
-    const Stream& st = p.streams[k];
-    if (st.bytes >= kSmallRow) continue;
-    JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, tid, nthreads));
-  }
-  if (p.recv_token != nullptr) {
-    for (int64_t row = tid; row < num_recv; row += nthreads) {
-      const int s = SourceOf(src, size, static_cast<int>(row));
-      p.recv_token[row] = src.list[s][row - src.start[s]];
-    }
-  }
-  // Long rows: a warp per row. Consecutive warps take rows of different sources
-  // (starting at a different source on every rank), so that every NVLink and the
-  // local memory are busy at once rather than one source after another.
-  int most = 0;
-  for (int s = 0; s < size; ++s) most = max(most, src.start[s + 1] - src.start[s]);
-  for (int w = blockIdx.x * warps_per_block + threadIdx.x / 32; w < most * size;
-       w += gridDim.x * warps_per_block) {
-    const int s = (w % size + me + 1) % size, j = w / size;
-    if (j >= src.start[s + 1] - src.start[s]) continue;
-    const int row = src.start[s] + j;
-    const int64_t t = src.list[s][j];
+  // One warp in kSmallEvery moves the short rows and the source token ids (a vector
+  // per thread, loads independent); the other warps move the long rows, a warp per
+  // row, loading the next row's token id while copying the current row. Both kinds
+  // run at once, so the short rows' latency hides behind the long rows.
+  constexpr int kSmallEvery = 8;
+  const int warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+  const bool small_worker = total_warps < 2 || warp % kSmallEvery == kSmallEvery - 1;
+  if (total_warps < 2 || small_worker) {
+    const int64_t small_tid = static_cast<int64_t>(warp / kSmallEvery) * 32 + lane;
+    const int64_t small_threads = total_warps < 2 ? 32 : static_cast<int64_t>(total_warps / kSmallEvery) * 32;
     for (int k = 0; k < p.num_streams; ++k) {
       const Stream& st = p.streams[k];
-      if (st.bytes < kSmallRow) continue;
-      const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
-      char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
-      JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
+      if (st.bytes >= kSmallRow) continue;
+      JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, small_tid, small_threads));
+    }
+    if (p.recv_token != nullptr) {
+      for (int64_t row = small_tid; row < num_recv; row += small_threads) {
+        const int s = SourceOf(src, size, static_cast<int>(row));
+        p.recv_token[row] = src.list[s][row - src.start[s]];
+      }
+    }
+  }
+  if (total_warps < 2 || !small_worker) {
+    const int big_warp = total_warps < 2 ? 0 : warp - warp / kSmallEvery;
+    const int big_warps = total_warps < 2 ? 1 : total_warps - total_warps / kSmallEvery;
+    int row = big_warp;
+    int64_t t = 0;
+    if (row < num_recv) {
+      const int s = SourceOf(src, size, row);
+      t = src.list[s][row - src.start[s]];
+    }
+    for (; row < num_recv; row += big_warps) {
+      const int s = SourceOf(src, size, row);
+      const int next = row + big_warps;
+      int64_t t_next = 0;
+      if (next < num_recv) {  // Issued now, used next iteration.
+        const int s_next = SourceOf(src, size, next);
+        t_next = src.list[s_next][next - src.start[s_next]];
+      }
+      for (int k = 0; k < p.num_streams; ++k) {
+        const Stream& st = p.streams[k];
+        if (st.bytes < kSmallRow) continue;
+        const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
+        char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
+        JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
+      }
+      t = t_next;
     }
   }
   // Padding rows [num_recv, max_recv): zeros (token ids: -1).
@@ -358,7 +377,7 @@ template <> struct Elem<__half> : HalfElem<__half2, __half, H2ToF2, F2ToH2, HToF
 
 template <typename T, int RB>
 __global__ void __launch_bounds__(kThreads) CombineKernel(GroupView g, const __grid_constant__ CombineParams p) {
-  constexpr int kUnroll = RB <= 4 ? 4 : 2;
+  constexpr int kUnroll = 16 / RB;  // Vectors in flight per lane: RB sources x kUnroll.
   constexpr int kPerVec = Elem<T>::kPerVec;
   __shared__ const T* src_base[RB];
   __shared__ int offset[RB];

@@ -46,5 +46,10 @@ NB_MODULE(_jmd_ext, m) {
   m.def("groups", &jmd::Groups, "Device lists of the registered groups.");
   m.def("last_error", &jmd::LastError, nb::arg("device"),
         "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
+  m.def("_describe_diag", [](int code, int stage, int peer, int device, uint64_t epoch, uint64_t seen,
+                             const std::vector<int>& devices, double timeout_s) {
+    jmd::Diag d{code, stage, peer, device, epoch, seen};
+    return jmd::DescribeDiag(d, devices, static_cast<uint64_t>(timeout_s * 1e9));
+  }, "Test hook: the message for a recorded failure.");
   m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
 }

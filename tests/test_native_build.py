@@ -1,0 +1,53 @@
+"""The CUDA extension on machines without GPUs: built when nvcc is there, importable, sane.
+
+CI sets ``JMD_REQUIRE_CUDA=1`` when nvcc is on PATH, so a build that silently
+skipped the extension fails here instead of passing with the reference backend.
+"""
+
+import os
+
+import pytest
+
+from jax_moe_dispatch import buffer
+from jax_moe_dispatch.backends import native
+
+REQUIRED = os.environ.get("JMD_REQUIRE_CUDA") == "1"
+
+
+def test_extension_built_when_required():
+  if not REQUIRED and not native.extension_built():
+    pytest.skip("JMD_REQUIRE_CUDA is not set and the extension is not built")
+  assert native.extension_built(), native.native_unavailable_reason()
+  ext = native.extension()
+  assert set(ext.handlers()) == {"jmd_dispatch", "jmd_dispatch_cached", "jmd_combine"}
+  assert 0 < ext.region_bytes() < 1 << 20
+  assert ext.MAX_RANKS == 8
+
+
+def test_failure_descriptions():
+  if not native.extension_built():
+    pytest.skip("extension not built")
+  ext = native.extension()
+  msg = ext._describe_diag(1, 0, 1, 3, 7, 6, [2, 3], 2.5)
+  assert msg.startswith("GPU 3 timed out after 2500 ms waiting for GPU 3 (group position 1)")
+  assert "notify step of call #7" in msg and "last saw call #6" in msg
+  assert "completion step" in ext._describe_diag(1, 1, 0, 2, 7, 6, [2, 3], 1.0)
+  assert "group position 9" in ext._describe_diag(1, 1, 9, 2, 7, 6, [2, 3], 1.0)
+  assert "inconsistent axis indices" in ext._describe_diag(2, 0, 0, 2, 7, 0, [2, 3], 1.0)
+  assert ext._describe_diag(0, 0, 0, 0, 0, 0, [0], 1.0) == ""
+
+
+def test_native_unavailable_without_gpu_says_why():
+  import jax
+
+  if jax.default_backend() == "gpu":
+    pytest.skip("GPUs present")
+  assert not native.native_available()
+  assert native.native_unavailable_reason()
+  b = buffer.get_buffer(jax.devices()[:2], 1024)  # Nothing native to set up on CPU.
+  assert not b.native and not buffer.has_buffer()
+  assert buffer.get_hidden_bytes(jax.numpy.zeros((3, 7168), jax.numpy.bfloat16)) == 14336
+  with pytest.raises(NotImplementedError, match="UCCL-EP"):
+    buffer.get_uccl_ep_buffer()
+  with pytest.raises(ValueError, match="hidden_bytes"):
+    buffer.get_buffer(jax.devices()[:2], 0)
