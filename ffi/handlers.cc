@@ -87,16 +87,20 @@ int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
 
 // Shared by fresh and cached dispatch: checks the arrays, fills the streams and
 // the addresses this rank publishes (its inputs, then its send lists).
-ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, const S32Matrix& lists, ffi::RemainingArgs args,
-                         ffi::RemainingRets rets, int64_t num_payloads, int64_t max_recv) {
-  const int64_t ranks = lists.dimensions()[0], num_tokens = lists.dimensions()[1];
+ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, int64_t num_tokens, int64_t ranks,
+                         ffi::Result<S32Matrix>& lists, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                         int64_t num_payloads, int64_t max_recv) {
   const int64_t num_streams = static_cast<int64_t>(args.size());
+  if (lists->dimensions()[0] != ranks || lists->dimensions()[1] != num_tokens) {
+    return Invalid("lists must be [R, T]");
+  }
   if (num_streams != static_cast<int64_t>(rets.size()) || num_payloads > num_streams) {
     return Invalid("dispatch needs one output per payload");
   }
   if (num_streams > kMaxStreams - 1) {
     return Invalid("at most " + std::to_string(kMaxStreams - 1) + " arrays per dispatch");
   }
+  if (num_tokens * ranks > INT32_MAX || max_recv > INT32_MAX) return Invalid("too many tokens");
   for (int64_t i = 0; i < num_streams; ++i) {
     auto in = args.get<ffi::AnyBuffer>(i);
     auto out = rets.get<ffi::AnyBuffer>(i);
@@ -124,8 +128,10 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, const S32Matrix& li
     n.ptrs[i] = reinterpret_cast<uint64_t>(in->untyped_data());
   }
   p.num_streams = static_cast<int32_t>(num_streams);
-  n.ptrs[num_streams] = reinterpret_cast<uint64_t>(lists.typed_data());
-  p.num_tokens = static_cast<int32_t>(num_tokens);
+  n.lists = lists->typed_data();
+  n.ptrs[num_streams] = reinterpret_cast<uint64_t>(n.lists);
+  n.num_tokens = static_cast<int32_t>(num_tokens);
+  p.num_tokens = n.num_tokens;
   p.max_recv = static_cast<int32_t>(max_recv);
   n.max_recv = p.max_recv;
   return ffi::Error::Success();
@@ -142,41 +148,53 @@ ffi::Error Launch(const GroupView& g, const NotifyParams& n, const DispatchParam
   return ffi::Error::Success();
 }
 
-ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Vector counts,
-                        S32Matrix lists, ffi::RemainingArgs args, ffi::Result<S32Matrix> all_counts,
-                        ffi::Result<S32Vector> recv_token, ffi::RemainingRets rets, int64_t num_payloads,
-                        int64_t num_blocks) {
-  const int64_t ranks = lists.dimensions()[0];
-  if (counts.dimensions()[0] != ranks || all_counts->dimensions()[0] != ranks ||
-      all_counts->dimensions()[1] != ranks) {
-    return Invalid("counts must be [R], lists [R, T] and all_counts [R, R]");
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, ffi::AnyBuffer dest_mask,
+                        ffi::RemainingArgs args, ffi::Result<S32Matrix> send_pos,
+                        ffi::Result<S32Vector> dest_offset, ffi::Result<S32Vector> recv_count,
+                        ffi::Result<S32Vector> recv_token, ffi::Result<S32Matrix> lists, ffi::RemainingRets rets,
+                        int64_t num_payloads, int64_t num_blocks) {
+  auto mask_dims = dest_mask.dimensions();
+  if (dest_mask.element_type() != ffi::DataType::PRED || mask_dims.size() != 2) {
+    return Invalid("dest_mask must be bool [T, R]");
+  }
+  const int64_t num_tokens = mask_dims[0], ranks = mask_dims[1];
+  if (send_pos->dimensions()[0] != num_tokens || send_pos->dimensions()[1] != ranks ||
+      dest_offset->dimensions()[0] != ranks || recv_count->dimensions()[0] != ranks) {
+    return Invalid("send_pos must be [T, R], dest_offset and recv_count [R]");
   }
   auto g = Enter(device, ranks);
   if (!g.has_value()) return g.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = SetUpDispatch(p, n, lists, args, rets, num_payloads, recv_token->dimensions()[0]);
+  if (auto err = SetUpDispatch(p, n, num_tokens, ranks, lists, args, rets, num_payloads,
+                               recv_token->dimensions()[0]);
       err.failure()) {
     return err;
   }
   p.recv_token = recv_token->typed_data();
   n.axis_index = axis_index.typed_data();
-  n.counts = counts.typed_data();
-  n.all_counts = all_counts->typed_data();
+  n.dest_mask = static_cast<const uint8_t*>(dest_mask.untyped_data());
+  n.send_pos = send_pos->typed_data();
+  n.dest_offset = dest_offset->typed_data();
+  n.recv_count = recv_count->typed_data();
   return Launch(*g, n, p, num_blocks, stream);
 }
 
-ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix lists,
-                              S32Vector recv_count, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                              int64_t max_recv, int64_t num_blocks) {
-  const int64_t ranks = lists.dimensions()[0];
+ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
+                              S32Vector recv_count, ffi::RemainingArgs args, ffi::Result<S32Matrix> lists,
+                              ffi::RemainingRets rets, int64_t max_recv, int64_t num_blocks) {
+  const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   if (recv_count.dimensions()[0] != ranks) return Invalid("recv_count must be [R]");
   auto g = Enter(device, ranks);
   if (!g.has_value()) return g.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = SetUpDispatch(p, n, lists, args, rets, args.size(), max_recv); err.failure()) return err;
+  if (auto err = SetUpDispatch(p, n, num_tokens, ranks, lists, args, rets, args.size(), max_recv);
+      err.failure()) {
+    return err;
+  }
   n.axis_index = axis_index.typed_data();
+  n.kept_pos = send_pos.typed_data();
   n.cached_recv = recv_count.typed_data();
   return Launch(*g, n, p, num_blocks, stream);
 }
@@ -226,13 +244,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatch, jmd::DispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<S32Scalar>()   // axis_index [1]
-                                  .Arg<S32Vector>()   // counts [R]
-                                  .Arg<S32Matrix>()   // lists [R, T]
-                                  .RemainingArgs()    // payloads, then sliced
-                                  .Ret<S32Matrix>()   // all_counts [R, R]
-                                  .Ret<S32Vector>()   // recv_token [M]
-                                  .RemainingRets()    // received arrays
+                                  .Arg<S32Scalar>()       // axis_index [1]
+                                  .Arg<ffi::AnyBuffer>()  // dest_mask [T, R] bool
+                                  .RemainingArgs()        // payloads, then sliced
+                                  .Ret<S32Matrix>()       // send_pos [T, R] (handle)
+                                  .Ret<S32Vector>()       // dest_offset [R] (handle)
+                                  .Ret<S32Vector>()       // recv_count [R] (handle)
+                                  .Ret<S32Vector>()       // recv_token [M] (handle)
+                                  .Ret<S32Matrix>()       // lists [R, T] (scratch peers read)
+                                  .RemainingRets()        // received arrays
                                   .Attr<int64_t>("num_payloads")
                                   .Attr<int64_t>("num_blocks"));
 
@@ -241,9 +261,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdDispatchCached, jmd::DispatchCachedImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<S32Scalar>()   // axis_index [1]
-                                  .Arg<S32Matrix>()   // lists [R, T] (kept positions)
-                                  .Arg<S32Vector>()   // recv_count [R]
+                                  .Arg<S32Matrix>()   // send_pos [T, R] (handle: kept positions)
+                                  .Arg<S32Vector>()   // recv_count [R] (handle)
                                   .RemainingArgs()    // payloads
+                                  .Ret<S32Matrix>()   // lists [R, T] (scratch peers read)
                                   .RemainingRets()    // received payloads
                                   .Attr<int64_t>("max_recv")
                                   .Attr<int64_t>("num_blocks"));

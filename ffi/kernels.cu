@@ -81,24 +81,99 @@ __device__ void Finish(const GroupView& g, SignalRegion* mine) {
 }
 
 // ---------------------------------------------------------------------------
-// Notify: one block, warp w talks to group member w.
+// Notify: one block. Builds this rank's send lists (dispatch), publishes its counts
+// and addresses to every member (warp w talks to member w), reads theirs, and
+// derives the layout: the handle of a fresh dispatch, the receive ranges.
 
-__global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, const __grid_constant__ NotifyParams p) {
+constexpr int kNotifyThreads = 512;
+
+// Fresh dispatch: send_pos (list positions, before dropping), lists and counts from
+// the destination mask, by a block-wide scan over tokens for every destination.
+__device__ void BuildLists(const NotifyParams& p, int size, int* counts) {
+  __shared__ int warp_prefix[kMaxRanks][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+  const int num_tokens = p.num_tokens;
+  const int per = (num_tokens + blockDim.x - 1) / blockDim.x;
+  const int t0 = min(num_tokens, static_cast<int>(threadIdx.x) * per), t1 = min(num_tokens, t0 + per);
+  int mine[kMaxRanks], incl[kMaxRanks];
+#pragma unroll
+  for (int d = 0; d < kMaxRanks; ++d) {
+    mine[d] = 0;
+    if (d < size) {
+      for (int t = t0; t < t1; ++t) mine[d] += p.dest_mask[static_cast<int64_t>(t) * size + d] != 0;
+    }
+    int v = mine[d];
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int n = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v += n;
+    }
+    incl[d] = v;
+    if (lane == 31) warp_prefix[d][warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int d = 0; d < size; ++d) {
+      const int own = lane < num_warps ? warp_prefix[d][lane] : 0;
+      int v = own;
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const int n = __shfl_up_sync(0xffffffffu, v, off);
+        if (lane >= off) v += n;
+      }
+      if (lane < num_warps) warp_prefix[d][lane] = v - own;
+      if (lane == 31) counts[d] = v;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int d = 0; d < kMaxRanks; ++d) {
+    if (d >= size) continue;
+    int pos = warp_prefix[d][warp] + incl[d] - mine[d];
+    for (int t = t0; t < t1; ++t) {
+      const int64_t i = static_cast<int64_t>(t) * size + d;
+      if (p.dest_mask[i] != 0) {
+        p.send_pos[i] = pos;
+        p.lists[static_cast<int64_t>(d) * num_tokens + pos] = t;
+        ++pos;
+      } else {
+        p.send_pos[i] = -1;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kNotifyThreads) NotifyKernel(GroupView g, const __grid_constant__ NotifyParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int size = g.size;
   SignalRegion* mine = g.regions[g.position];
   Layout& layout = mine->layout;
   const int me = *p.axis_index;
   __shared__ int axis_of[kMaxRanks];
+  __shared__ int counts[kMaxRanks];
+  __shared__ int offset[kMaxRanks];
   __shared__ int aborted;
   if (threadIdx.x == 0) aborted = 0;
+  if (threadIdx.x < kMaxRanks) counts[threadIdx.x] = 0;
+  __syncthreads();
+
+  if (p.dest_mask != nullptr) {
+    BuildLists(p, size, counts);
+  } else if (p.kept_pos != nullptr) {  // Cached: the lists of the kept positions.
+    const int64_t total = static_cast<int64_t>(p.num_tokens) * size;
+    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const int pos = p.kept_pos[i];
+      if (pos >= 0) p.lists[(i % size) * p.num_tokens + pos] = static_cast<int32_t>(i / size);
+    }
+  }
+  __threadfence_system();  // The lists are complete before peers can see their address.
   __syncthreads();
 
   if (warp < size) {  // Publish into member `warp`'s slot for me.
     Slot* slot = &g.regions[warp]->slots[g.position];
     volatile Slot* out = slot;
     if (lane == 0) out->axis_index = me;
-    if (lane < size) out->counts[lane] = p.counts != nullptr ? p.counts[lane] : 0;
+    if (lane < size) out->counts[lane] = counts[lane];
     if (lane < kMaxStreams) out->ptrs[lane] = p.ptrs[lane];
     __threadfence_system();
     __syncwarp();
@@ -137,9 +212,17 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
   }
   __syncthreads();
   if (aborted) return;
-  if (threadIdx.x < size && p.all_counts != nullptr) {
-    const int d = threadIdx.x;
-    for (int s = 0; s < size; ++s) p.all_counts[s * size + d] = layout.counts[s][d];
+
+  if (threadIdx.x < size) {
+    const int d = threadIdx.x;  // As a destination: where my rows start there.
+    int off = 0;
+    for (int s = 0; s < me; ++s) off += layout.counts[s][d];
+    offset[d] = off;
+    if (p.dest_offset != nullptr) p.dest_offset[d] = off;
+    const int s = threadIdx.x;  // As a source: how many of its rows I keep.
+    int start = 0;
+    for (int r = 0; r < s; ++r) start += layout.counts[r][me];
+    if (p.recv_count != nullptr) p.recv_count[s] = max(0, min(p.max_recv - start, layout.counts[s][me]));
   }
   if (threadIdx.x == 0) {
     // Rows from source s follow those of sources < s; rows past max_recv are dropped.
@@ -151,6 +234,14 @@ __global__ void __launch_bounds__(32 * kMaxRanks) NotifyKernel(GroupView g, cons
     }
     layout.recv_start[size] = start;
     layout.my_axis_index = me;
+  }
+  __syncthreads();
+  if (p.send_pos != nullptr) {  // Positions whose row would be past max_recv: dropped (-1).
+    const int64_t total = static_cast<int64_t>(p.num_tokens) * size;
+    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const int pos = p.send_pos[i];
+      if (pos >= 0 && offset[i % size] + pos >= p.max_recv) p.send_pos[i] = -1;
+    }
   }
 }
 
@@ -178,7 +269,7 @@ template <> struct VecOf<1> { using T = char; };
 // Rows shorter than this (routing metadata, FP8 scales) move one vector per thread;
 // longer rows (hidden states) one row per warp.
 constexpr int kSmallRow = 1024;
-constexpr int kCopyUnroll = 10;  // Vectors in flight per lane: the copy is latency-bound.
+constexpr int kCopyUnroll = 8;  // Vectors in flight per lane: the copy is latency-bound.
 
 struct Sources {
   const char* base[kMaxStreams - 1][kMaxRanks];  // [stream][source axis index]
@@ -262,55 +353,42 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
-  // One warp in kSmallEvery moves the short rows and the source token ids (a vector
-  // per thread, loads independent); the other warps move the long rows, a warp per
-  // row, loading the next row's token id while copying the current row. Both kinds
-  // run at once, so the short rows' latency hides behind the long rows.
-  constexpr int kSmallEvery = 8;
-  const int warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
-  const int total_warps = gridDim.x * warps_per_block;
-  const bool small_worker = total_warps < 2 || warp % kSmallEvery == kSmallEvery - 1;
-  if (total_warps < 2 || small_worker) {
-    const int64_t small_tid = static_cast<int64_t>(warp / kSmallEvery) * 32 + lane;
-    const int64_t small_threads = total_warps < 2 ? 32 : static_cast<int64_t>(total_warps / kSmallEvery) * 32;
-    for (int k = 0; k < p.num_streams; ++k) {
-      const Stream& st = p.streams[k];
-      if (st.bytes >= kSmallRow) continue;
-      JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, small_tid, small_threads));
-    }
-    if (p.recv_token != nullptr) {
-      for (int64_t row = small_tid; row < num_recv; row += small_threads) {
-        const int s = SourceOf(src, size, static_cast<int>(row));
-        p.recv_token[row] = src.list[s][row - src.start[s]];
-      }
+  // Short rows and source token ids: a vector per thread, loads independent.
+  for (int k = 0; k < p.num_streams; ++k) {
+    const Stream& st = p.streams[k];
+    if (st.bytes >= kSmallRow) continue;
+    JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, tid, nthreads));
+  }
+  if (p.recv_token != nullptr) {
+    for (int64_t row = tid; row < num_recv; row += nthreads) {
+      const int s = SourceOf(src, size, static_cast<int>(row));
+      p.recv_token[row] = src.list[s][row - src.start[s]];
     }
   }
-  if (total_warps < 2 || !small_worker) {
-    const int big_warp = total_warps < 2 ? 0 : warp - warp / kSmallEvery;
-    const int big_warps = total_warps < 2 ? 1 : total_warps - total_warps / kSmallEvery;
-    int row = big_warp;
-    int64_t t = 0;
-    if (row < num_recv) {
-      const int s = SourceOf(src, size, row);
-      t = src.list[s][row - src.start[s]];
+  // Long rows: a warp per row, the next row's token id loaded while copying this one.
+  const int warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+  int64_t t = 0;
+  if (warp < num_recv) {
+    const int s = SourceOf(src, size, warp);
+    t = src.list[s][warp - src.start[s]];
+  }
+  for (int row = warp; row < num_recv; row += total_warps) {
+    const int s = SourceOf(src, size, row);
+    const int next = row + total_warps;
+    int64_t t_next = 0;
+    if (next < num_recv) {  // Issued now, used in the next iteration.
+      const int s_next = SourceOf(src, size, next);
+      t_next = src.list[s_next][next - src.start[s_next]];
     }
-    for (; row < num_recv; row += big_warps) {
-      const int s = SourceOf(src, size, row);
-      const int next = row + big_warps;
-      int64_t t_next = 0;
-      if (next < num_recv) {  // Issued now, used next iteration.
-        const int s_next = SourceOf(src, size, next);
-        t_next = src.list[s_next][next - src.start[s_next]];
-      }
-      for (int k = 0; k < p.num_streams; ++k) {
-        const Stream& st = p.streams[k];
-        if (st.bytes < kSmallRow) continue;
-        const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
-        char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
-        JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
-      }
-      t = t_next;
+    for (int k = 0; k < p.num_streams; ++k) {
+      const Stream& st = p.streams[k];
+      if (st.bytes < kSmallRow) continue;
+      const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
+      char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
+      JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
     }
+    t = t_next;
   }
   // Padding rows [num_recv, max_recv): zeros (token ids: -1).
   for (int k = 0; k < p.num_streams; ++k) {
@@ -471,7 +549,7 @@ struct CombineOf {
 }  // namespace
 
 cudaError_t LaunchNotify(const GroupView& g, const NotifyParams& p, cudaStream_t stream) {
-  NotifyKernel<<<1, 32 * kMaxRanks, 0, stream>>>(g, p);
+  NotifyKernel<<<1, kNotifyThreads, 0, stream>>>(g, p);
   return cudaGetLastError();
 }
 

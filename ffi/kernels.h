@@ -29,9 +29,16 @@ struct Stream {
 
 struct NotifyParams {
   const int32_t* axis_index;     // [1] this rank's index on the axis.
-  const int32_t* counts;         // [R] rows for each destination; null for cached calls.
-  const int32_t* cached_recv;    // [R] (cached calls) rows kept from each source.
-  int32_t* all_counts;           // [R, R] output, or null.
+  // The local half of a dispatch's layout, built before publishing (null: combine).
+  const uint8_t* dest_mask;      // [T, R] fresh dispatch: the ranks each token goes to.
+  const int32_t* kept_pos;       // [T, R] cached dispatch: handle.send_pos.
+  const int32_t* cached_recv;    // [R] cached dispatch: handle.recv_count.
+  int32_t* lists;                // [R, T] out: list[d][i] = token at position i for rank d.
+  int32_t num_tokens;
+  // Fresh dispatch: the handle (backends/base.py), written once the counts are known.
+  int32_t* send_pos;             // [T, R]
+  int32_t* dest_offset;          // [R]
+  int32_t* recv_count;           // [R]
   uint64_t ptrs[kMaxStreams];    // addresses this rank publishes.
   int32_t max_recv;
 };

@@ -1,17 +1,19 @@
 """The native backend: our CUDA kernels (``ffi/``) called through XLA FFI.
 
-Same contract and bits as :mod:`jax_moe_dispatch.backends.reference`; only the
-data movement differs. The layout's local half (:func:`reference.send_positions`)
-and its post-exchange half (:func:`reference.layout_from_counts`) are the
-reference's own functions; the kernels replace the ``all_gather`` of counts and
-the dense ``all_to_all`` of rows:
+Same contract and bits as :mod:`jax_moe_dispatch.backends.reference` (the
+specification: :func:`reference.send_positions` and
+:func:`reference.layout_from_counts` are what the notify kernel computes, and
+the tests compare every output and handle bit for bit); the work is done in two
+kernel launches per op, so that no small XLA ops sit around the custom call:
 
-* ``jmd_dispatch``: every rank publishes its counts, its input addresses and
-  its send lists (:func:`send_lists`) to its peers (notify); then every rank
-  pulls its receive rows, rank-major, straight from the senders' inputs into its
-  outputs, and zeroes its padding rows; completion flags keep every input alive
-  until every peer has finished reading it.
-* ``jmd_dispatch_cached``: the same along a handle's layout.
+* ``jmd_dispatch``: every rank builds its send lists from the destination mask
+  (the list of tokens it sends each rank, in token order), publishes its counts,
+  input addresses and lists to its peers (notify) and writes the handle; then
+  every rank pulls its receive rows, rank-major, straight from the senders'
+  inputs into its outputs, and zeroes its padding rows; completion flags keep
+  every input alive until every peer has finished reading it.
+* ``jmd_dispatch_cached``: the same along a handle's layout (lists rebuilt from
+  ``handle.send_pos``).
 * ``jmd_combine``: every rank publishes its input address; each source loads
   its tokens' rows from every rank they went to and sums them in float32, in
   ascending rank order (the reference's order, so results are bit-identical).
@@ -25,7 +27,6 @@ order (one SPMD program) and they are kept out of CUDA graphs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -33,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe_dispatch.backends import reference
 from jax_moe_dispatch.backends.base import DispatchHandle
 
 _COMBINE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -112,19 +112,6 @@ def _varying(outs, axis_name: str):
   return jax.tree.map(one, outs)
 
 
-def send_lists(send_pos: jax.Array) -> jax.Array:
-  """``[T, R]`` list positions (-1: not sent) -> ``[R, T]`` lists of token ids.
-
-  ``lists[d, i]`` is the token at position ``i`` of the list sent to rank ``d``
-  (-1 past the list's end): what rank ``d`` reads to find its rows' sources.
-  """
-  num_tokens, num_ranks = send_pos.shape
-  tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], send_pos.shape)
-  dest = jnp.broadcast_to(jnp.arange(num_ranks, dtype=jnp.int32)[None, :], send_pos.shape)
-  pos = jnp.where(send_pos >= 0, send_pos, num_tokens)  # Out of bounds: not written.
-  return jnp.full((num_ranks, num_tokens), -1, jnp.int32).at[dest, pos].set(tokens, mode="drop")
-
-
 class NativeBackend:
   """CUDA kernels over NVLink peer access; needs :func:`jax_moe_dispatch.get_buffer`."""
 
@@ -143,23 +130,22 @@ class NativeBackend:
       max_recv: int,
   ) -> tuple[list[jax.Array], list[jax.Array], DispatchHandle]:
     _register()
-    num_ranks = dest_mask.shape[1]
-    me = _axis_index(axis_name)
-    send_pos_raw, counts = reference.send_positions(dest_mask)
+    num_tokens, num_ranks = dest_mask.shape
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     out_types = (
-        [jax.ShapeDtypeStruct((num_ranks, num_ranks), jnp.int32),
-         jax.ShapeDtypeStruct((max_recv,), jnp.int32)]
+        [i32(num_tokens, num_ranks), i32(num_ranks), i32(num_ranks), i32(max_recv),
+         i32(num_ranks, num_tokens)]
         + [jax.ShapeDtypeStruct((max_recv,) + a.shape[1:], a.dtype) for a in payloads]
         + [jax.ShapeDtypeStruct((max_recv,) + a.shape[2:], a.dtype) for a in sliced]
     )
     outs = jax.ffi.ffi_call("jmd_dispatch", out_types, has_side_effect=True)(
-        me, counts, send_lists(send_pos_raw), *payloads, *sliced,
+        _axis_index(axis_name), dest_mask, *payloads, *sliced,
         num_payloads=np.int64(len(payloads)), num_blocks=self.num_blocks)
     outs = _varying(list(outs), axis_name)
-    all_counts, recv_token, received = outs[0], outs[1], list(outs[2:])
-    handle, _ = reference.layout_from_counts(
-        dest_mask, send_pos_raw, all_counts, me[0], max_recv=max_recv)
-    handle = dataclasses.replace(handle, recv_token=recv_token)
+    send_pos, dest_offset, recv_count, recv_token, _lists = outs[:5]
+    received = outs[5:]
+    handle = DispatchHandle(send_pos=send_pos, dest_offset=dest_offset, recv_count=recv_count,
+                            recv_token=recv_token)
     return received[: len(payloads)], received[len(payloads):], handle
 
   def dispatch_cached(
@@ -170,11 +156,12 @@ class NativeBackend:
       axis_name: str,
   ) -> list[jax.Array]:
     _register()
-    out_types = [jax.ShapeDtypeStruct((handle.max_recv,) + a.shape[1:], a.dtype) for a in payloads]
+    out_types = [jax.ShapeDtypeStruct(handle.send_pos.shape[::-1], jnp.int32)] + [
+        jax.ShapeDtypeStruct((handle.max_recv,) + a.shape[1:], a.dtype) for a in payloads]
     outs = jax.ffi.ffi_call("jmd_dispatch_cached", out_types, has_side_effect=True)(
-        _axis_index(axis_name), send_lists(handle.send_pos), handle.recv_count, *payloads,
+        _axis_index(axis_name), handle.send_pos, handle.recv_count, *payloads,
         max_recv=np.int64(handle.max_recv), num_blocks=self.num_blocks)
-    return _varying(list(outs), axis_name)
+    return _varying(list(outs[1:]), axis_name)
 
   def combine(
       self,
