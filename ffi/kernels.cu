@@ -266,9 +266,9 @@ template <> struct VecOf<1> { using T = char; };
     default: { constexpr int W = 1; __VA_ARGS__; } break;  \
   }
 
-// Rows shorter than this (routing metadata, FP8 scales) move one vector per thread;
-// longer rows (hidden states) one row per warp.
-constexpr int kSmallRow = 1024;
+// Rows of at least this many bytes, in 16-byte vectors (hidden states), move a
+// warp per row; the others (routing metadata, FP8 scales) a vector per thread.
+constexpr int kLongRow = 1024;
 constexpr int kCopyUnroll = 8;  // Vectors in flight per lane: the copy is latency-bound.
 
 struct Sources {
@@ -299,23 +299,31 @@ __device__ __forceinline__ void PullSmall(const Stream& st, int index, const Sou
   }
 }
 
-template <int W>
-__device__ __forceinline__ void PullRow(const char* src, char* dst, int bytes, int lane) {
-  using V = typename VecOf<W>::T;
-  const int nvec = bytes / W;
-  const V* in = reinterpret_cast<const V*>(src);
-  V* out = reinterpret_cast<V*>(dst);
+// Copies two rows at once (the second may be absent), so that each lane has
+// 2 x kCopyUnroll vectors in flight: the copy is bound by load latency.
+__device__ __forceinline__ bool IsLong(const Stream& st) { return st.bytes >= kLongRow && st.width == 16; }
+
+__device__ __forceinline__ void PullRows(const char* src0, char* dst0, const char* src1, char* dst1, int bytes,
+                                         int lane) {
+  using V = int4;
+  const int nvec = bytes / 16;
+  const V* in0 = reinterpret_cast<const V*>(src0);
+  const V* in1 = reinterpret_cast<const V*>(src1);
+  V* out0 = reinterpret_cast<V*>(dst0);
+  V* out1 = reinterpret_cast<V*>(dst1);
   for (int base = 0; base < nvec; base += 32 * kCopyUnroll) {
-    V v[kCopyUnroll];
+    V v0[kCopyUnroll], v1[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = base + u * 32 + lane;
-      if (i < nvec) v[u] = __ldg(in + i);
+      if (i < nvec) v0[u] = __ldg(in0 + i);
+      if (i < nvec && in1 != nullptr) v1[u] = __ldg(in1 + i);
     }
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = base + u * 32 + lane;
-      if (i < nvec) out[i] = v[u];
+      if (i < nvec) out0[i] = v0[u];
+      if (i < nvec && in1 != nullptr) out1[i] = v1[u];
     }
   }
 }
@@ -356,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
   // Short rows and source token ids: a vector per thread, loads independent.
   for (int k = 0; k < p.num_streams; ++k) {
     const Stream& st = p.streams[k];
-    if (st.bytes >= kSmallRow) continue;
+    if (IsLong(st)) continue;
     JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, tid, nthreads));
   }
   if (p.recv_token != nullptr) {
@@ -365,30 +373,24 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
       p.recv_token[row] = src.list[s][row - src.start[s]];
     }
   }
-  // Long rows: a warp per row, the next row's token id loaded while copying this one.
+  // Long rows: a warp per two rows (row and row + total_warps), copied together.
   const int warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
   const int total_warps = gridDim.x * warps_per_block;
-  int64_t t = 0;
-  if (warp < num_recv) {
-    const int s = SourceOf(src, size, warp);
-    t = src.list[s][warp - src.start[s]];
-  }
-  for (int row = warp; row < num_recv; row += total_warps) {
-    const int s = SourceOf(src, size, row);
-    const int next = row + total_warps;
-    int64_t t_next = 0;
-    if (next < num_recv) {  // Issued now, used in the next iteration.
-      const int s_next = SourceOf(src, size, next);
-      t_next = src.list[s_next][next - src.start[s_next]];
-    }
+  for (int row = warp; row < num_recv; row += 2 * total_warps) {
+    const int row1 = row + total_warps;
+    const bool two = row1 < num_recv;
+    const int s0 = SourceOf(src, size, row), s1 = two ? SourceOf(src, size, row1) : 0;
+    const int64_t t0 = src.list[s0][row - src.start[s0]];
+    const int64_t t1 = two ? src.list[s1][row1 - src.start[s1]] : 0;
     for (int k = 0; k < p.num_streams; ++k) {
       const Stream& st = p.streams[k];
-      if (st.bytes < kSmallRow) continue;
-      const char* in = src.base[k][s] + t * st.tok_stride + me * st.dest_stride;
-      char* out = st.dst + static_cast<int64_t>(row) * st.bytes;
-      JMD_SWITCH_WIDTH(st.width, PullRow<W>(in, out, st.bytes, lane));
+      if (!IsLong(st)) continue;
+      const char* in0 = src.base[k][s0] + t0 * st.tok_stride + me * st.dest_stride;
+      const char* in1 = two ? src.base[k][s1] + t1 * st.tok_stride + me * st.dest_stride : nullptr;
+      char* out0 = st.dst + static_cast<int64_t>(row) * st.bytes;
+      char* out1 = st.dst + static_cast<int64_t>(row1) * st.bytes;
+      PullRows(in0, out0, in1, out1, st.bytes, lane);
     }
-    t = t_next;
   }
   // Padding rows [num_recv, max_recv): zeros (token ids: -1).
   for (int k = 0; k < p.num_streams; ++k) {
