@@ -43,6 +43,7 @@ from flax import nnx
 from jax_moe_dispatch import permute as _perm
 from jax_moe_dispatch.config import TokenDispatcherConfig
 from jax_moe_dispatch.fused_a2a import (
+    check_topk_routing,
     fused_combine,
     fused_dispatch,
     hybrid_ep_combine,
@@ -302,14 +303,7 @@ class MoEFlexTokenDispatcher(nnx.Module):
       raise ValueError("dispatch_preprocess2 needs token_probs [T, K] and token_indices [T, K].")
     x = self._flatten(hidden_states, num_local_tokens)
     num_tokens = x.shape[0]
-    if token_indices.ndim != 2 or token_indices.shape[0] != num_tokens:
-      raise ValueError(f"token_indices must be [T={num_tokens}, K], got {token_indices.shape}.")
-    if token_probs.shape != token_indices.shape:
-      raise ValueError(
-          f"token_probs must have token_indices' shape {token_indices.shape}, got {token_probs.shape}."
-      )
-    if not jnp.issubdtype(token_indices.dtype, jnp.integer):
-      raise TypeError(f"token_indices must be integer, got {token_indices.dtype}.")
+    check_topk_routing(token_indices, token_probs, num_tokens)
     token_probs, state = self._make_state(hidden_states.shape, num_tokens,
                                           token_indices.astype(jnp.int32), token_probs)
     return x, token_probs, state

@@ -99,6 +99,20 @@ def _check_max_recv(max_recv: Optional[int], num_tokens: int, ep: int) -> int:
   return max_recv
 
 
+def check_topk_routing(token_indices: jax.Array, token_probs: jax.Array, num_tokens: int) -> None:
+  """Check top-k routing arrays: int ``[T, K]`` indices and floating probs of the same shape."""
+  if token_indices.ndim != 2 or token_indices.shape[0] != num_tokens:
+    raise ValueError(f"token_indices must be [T={num_tokens}, K], got shape {token_indices.shape}.")
+  if not jnp.issubdtype(token_indices.dtype, jnp.integer):
+    raise TypeError(f"token_indices must be int32, got {token_indices.dtype}.")
+  if token_probs.shape != token_indices.shape:
+    raise ValueError(
+        f"token_probs must have the shape of token_indices {token_indices.shape}, got {token_probs.shape}."
+    )
+  if not jnp.issubdtype(token_probs.dtype, jnp.floating):
+    raise TypeError(f"token_probs must be floating, got {token_probs.dtype}.")
+
+
 def _routing_check(token_indices: jax.Array, num_experts: int) -> None:
   """Check index range when the indices are concrete (traced ones cannot be checked)."""
   try:
@@ -202,16 +216,7 @@ def fused_dispatch(
   ep = _axis_size(axis_name)
   _check_experts(num_experts, ep)
   num_tokens = rows.shape[0]
-  if token_indices.ndim != 2 or token_indices.shape[0] != num_tokens:
-    raise ValueError(f"token_indices must be [T={num_tokens}, K], got shape {token_indices.shape}.")
-  if not jnp.issubdtype(token_indices.dtype, jnp.integer):
-    raise TypeError(f"token_indices must be int32, got {token_indices.dtype}.")
-  if token_probs.shape != token_indices.shape:
-    raise ValueError(
-        f"token_probs must have the shape of token_indices {token_indices.shape}, got {token_probs.shape}."
-    )
-  if not jnp.issubdtype(token_probs.dtype, jnp.floating):
-    raise TypeError(f"token_probs must be floating, got {token_probs.dtype}.")
+  check_topk_routing(token_indices, token_probs, num_tokens)
   _routing_check(token_indices, num_experts)
   max_recv = _check_max_recv(max_recv_tokens, num_tokens, ep)
   x = rows if scales is None else (rows, scales)
