@@ -231,15 +231,6 @@ std::string LastError(int device) {
   return DescribeDiag(d, devices, timeout_ns);
 }
 
-std::vector<std::vector<int>> Groups() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  std::vector<std::vector<int>> out;
-  for (auto& [device, m] : g_members) {
-    if (m->position == 0) out.push_back(m->devices);
-  }
-  return out;
-}
-
 size_t RegionBytes() { return sizeof(SignalRegion); }
 
 }  // namespace jmd

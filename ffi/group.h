@@ -42,9 +42,6 @@ std::string LastError(int device);
 // The words for a recorded failure (pure; tested on machines without GPUs).
 std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_t timeout_ns);
 
-// Device lists of the registered groups.
-std::vector<std::vector<int>> Groups();
-
 // Bytes of device memory the registry holds on each device.
 size_t RegionBytes();
 

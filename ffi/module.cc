@@ -43,7 +43,6 @@ NB_MODULE(_jmd_ext, m) {
      "and enable peer access between them. The same group again is kept as it is.");
   m.def("free_all", []() { Check(jmd::FreeAll()); }, "Free every group's device memory.");
   m.def("reset", []() { Check(jmd::ResetAll()); }, "Zero every signal region and call counter.");
-  m.def("groups", &jmd::Groups, "Device lists of the registered groups.");
   m.def("last_error", &jmd::LastError, nb::arg("device"),
         "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
   m.def("_describe_diag", [](int code, int stage, int peer, int device, uint64_t epoch, uint64_t seen,

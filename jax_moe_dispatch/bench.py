@@ -621,7 +621,7 @@ class Bench:
     from jax_moe_dispatch.fp8 import quantize_fp8
 
     jax, jnp = self.jax, self.jnp
-    E, K, M, N, L, pad = self.a.experts, self.a.topk, ctx["M"], ctx["N"], ctx["L"], ctx["pad"]
+    E, M, N, L, pad = self.a.experts, ctx["M"], ctx["N"], ctx["L"], ctx["pad"]
     ep = self.cfg["ep"]
     if op == "dispatch" and dtype == "bf16":
       def f(x, idx, probs):

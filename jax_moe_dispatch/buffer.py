@@ -220,11 +220,6 @@ def has_buffer() -> bool:
   return _buffer is not None and _buffer.native
 
 
-def current_buffer() -> Optional[Buffer]:
-  """The last :func:`get_buffer` result, or ``None``."""
-  return _buffer
-
-
 def last_error(device: Optional[jax.Device] = None) -> str:
   """What the last failed native call recorded on ``device`` (default: every GPU), or ``''``.
 

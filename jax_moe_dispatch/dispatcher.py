@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_moe_dispatch import buffer
 from jax_moe_dispatch import permute as _perm
 from jax_moe_dispatch.config import TokenDispatcherConfig
 from jax_moe_dispatch.fused_a2a import (
@@ -468,15 +469,8 @@ def _check_rows(x, rows: int, stage: str) -> None:
 
 
 def _set_num_sms(config: TokenDispatcherConfig) -> None:
-  """Forward the SM budget to the native buffers when they exist (as the seed does)."""
-  try:
-    from jax_moe_dispatch import buffer
-  except ImportError:
-    return
-  try:
-    if config.moe_flex_dispatcher_backend == "deepep":
-      buffer.set_deepep_num_sms(config.moe_deepep_num_sms)
-    elif hasattr(buffer, "set_hybridep_num_sms"):
-      buffer.set_hybridep_num_sms(config.moe_hybridep_num_sms)
-  except AttributeError:
-    pass
+  """Forward the SM budget to the native kernels (read at trace time), as the seed does."""
+  if config.moe_flex_dispatcher_backend == "deepep":
+    buffer.set_deepep_num_sms(config.moe_deepep_num_sms)
+  elif config.moe_flex_dispatcher_backend == "hybridep":
+    buffer.set_hybridep_num_sms(config.moe_hybridep_num_sms)

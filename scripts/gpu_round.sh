@@ -6,7 +6,7 @@
 #          (reuses ./build when it was carried; then probes the installed package and native backend)
 #   tests  python3 -m pytest -m gpu -q -x --timeout 300 tests               -> $OUT/tests.log
 #   bench  python3 -m jax_moe_dispatch.bench, DESIGN §6 setting, every ep  -> $OUT/bench.{log,csv,png}
-#          size the GPUs allow (2, and 4 with 4 GPUs), hidden 7168 first, under a time budget
+#          size the GPUs allow (2; 4 with 4 GPUs; 8 with 8), hidden 7168 first, under a time budget
 #
 # A failed stage skips the later ones (KEEP_GOING=1 runs them anyway). The last lines
 # printed are always a stage | status | seconds table, then the benchmark table.
@@ -149,7 +149,7 @@ stage_tests() {
 stage_bench() {
   local n eps left soft rc
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-  if (( n >= 4 )); then eps=2,4; elif (( n >= 2 )); then eps=2; else eps=1; fi
+  if (( n >= 8 )); then eps=2,4,8; elif (( n >= 4 )); then eps=2,4; elif (( n >= 2 )); then eps=2; else eps=1; fi
   left=$(( $(remaining) - 15 ))
   soft=$(( left - 75 ))
   if (( soft < 30 )); then echo "only ${left}s left: not enough for the bench"; return 4; fi

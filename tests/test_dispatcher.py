@@ -1,8 +1,5 @@
 """MoEFlexTokenDispatcher: both backends agree, a float64 oracle, capacity, padding, gradients."""
 
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +157,7 @@ def test_layer_matches_float64_oracle(backend, activation, capacity, pad):
 
 
 def test_capacity_drops_exactly_the_documented_assignments():
-  num_tokens, num_experts, topk = 16, 8, 2
+  num_tokens, num_experts = 16, 8  # top-2
   cfg = _config(moe_expert_capacity_factor=0.5)  # capacity = ceil(16 * 2 / 8 * 0.5) = 2
   capacity = cfg.expert_capacity(num_tokens)
   assert capacity == 2
