@@ -3,8 +3,8 @@
 The native backend gives every GPU of an expert-parallel group one small signal
 region (``region_bytes()``, a few KiB) in device memory that the other GPUs of
 the group can write through CUDA peer access. Rows never pass through it: a
-dispatch stores each row from the sender's registers straight into the
-receiver's XLA output buffer, and a combine loads rows straight from the
+dispatch loads each received row straight from the sender's XLA input buffer
+into the receiver's output, and a combine loads rows straight from the
 experts' XLA buffers, so there is no staging buffer sized by ``hidden_bytes``
 (the argument is kept for parity with the seed and checked). The region only
 carries per-call counts, buffer addresses and completion flags.
