@@ -530,23 +530,18 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(GroupView g, const __g
   Finish(g, mine);
 }
 
-template <template <int> class Fn, typename... Args>
-cudaError_t ByRankBucket(int size, Args&&... args) {
-  if (size <= 2) return Fn<2>::Run(args...);
-  if (size <= 4) return Fn<4>::Run(args...);
-  return Fn<8>::Run(args...);
-}
-
+// The rank count rounded up to 2, 4 or 8: the kernel's static loop bound.
 template <typename T>
-struct CombineOf {
-  template <int RB>
-  struct Run_ {
-    static cudaError_t Run(const GroupView& g, const CombineParams& p, int blocks, cudaStream_t stream) {
-      CombineKernel<T, RB><<<blocks, kThreads, 0, stream>>>(g, p);
-      return cudaGetLastError();
-    }
-  };
-};
+cudaError_t LaunchCombineAs(const GroupView& g, const CombineParams& p, int blocks, cudaStream_t stream) {
+  if (g.size <= 2) {
+    CombineKernel<T, 2><<<blocks, kThreads, 0, stream>>>(g, p);
+  } else if (g.size <= 4) {
+    CombineKernel<T, 4><<<blocks, kThreads, 0, stream>>>(g, p);
+  } else {
+    CombineKernel<T, 8><<<blocks, kThreads, 0, stream>>>(g, p);
+  }
+  return cudaGetLastError();
+}
 
 }  // namespace
 
@@ -562,9 +557,9 @@ cudaError_t LaunchDispatch(const GroupView& g, const DispatchParams& p, int num_
 
 cudaError_t LaunchCombine(const GroupView& g, const CombineParams& p, int num_blocks, cudaStream_t stream) {
   switch (p.dtype) {
-    case Dtype::kF32: return ByRankBucket<CombineOf<float>::Run_>(g.size, g, p, num_blocks, stream);
-    case Dtype::kBF16: return ByRankBucket<CombineOf<__nv_bfloat16>::Run_>(g.size, g, p, num_blocks, stream);
-    case Dtype::kF16: return ByRankBucket<CombineOf<__half>::Run_>(g.size, g, p, num_blocks, stream);
+    case Dtype::kF32: return LaunchCombineAs<float>(g, p, num_blocks, stream);
+    case Dtype::kBF16: return LaunchCombineAs<__nv_bfloat16>(g, p, num_blocks, stream);
+    case Dtype::kF16: return LaunchCombineAs<__half>(g, p, num_blocks, stream);
   }
   return cudaErrorInvalidValue;
 }
