@@ -1,0 +1,210 @@
+"""``grouped_matmul``: :func:`jax.lax.ragged_dot` semantics, grouped-GEMM speed on Hopper.
+
+``grouped_matmul(x [N, K], w [G, K, M], group_sizes [G]) -> [N, M]`` multiplies
+each consecutive run of rows by its group's matrix; rows past
+``sum(group_sizes)`` give zeros. It is a :func:`jax.custom_vjp` whose backward
+is two more grouped GEMMs (dgrad ``dy @ w[g].T``, wgrad ``x_g.T @ dy_g``), so
+nothing is ever materialised per group: scratch memory stays O(N·(K+M)).
+
+Where it runs (``implementation``):
+
+* ``"auto"`` (default): the Pallas Mosaic-GPU kernels of
+  :mod:`jax_moe_dispatch.gemm.mosaic` on Hopper GPUs (compute capability 9.x)
+  for bfloat16/float16 operands whose sizes fit the tiles; everywhere else
+  :func:`jax.lax.ragged_dot` (a dense, zero-padded matmul on NVIDIA GPUs), with
+  the reason logged once on the ``jax_moe_dispatch`` logger — never silently.
+* ``"mosaic"``: the kernels or a ``ValueError`` saying why not.
+* ``"xla"``: :func:`jax.lax.ragged_dot` and its autodiff.
+* ``"interpret"``: the kernels under Pallas's GPU interpreter, on CPU (slow;
+  for tests of the kernels' indexing on machines without a GPU).
+
+The kernels' cost follows the real rows: row blocks past ``sum(group_sizes)``
+only store zeros, and the wgrad visits each group's own rows only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jax_moe_dispatch.gemm import mosaic
+from jax_moe_dispatch.gemm.tiles import tile_config
+
+__all__ = ["GemmImplementation", "grouped_matmul"]
+
+GemmImplementation = Literal["auto", "mosaic", "xla", "interpret"]
+_IMPLEMENTATIONS = ("auto", "mosaic", "xla", "interpret")
+
+logger = logging.getLogger("jax_moe_dispatch")
+
+
+@functools.cache
+def _log_once(level: int, message: str) -> None:
+  logger.log(level, message)
+
+
+def _hopper() -> Optional[str]:
+  """``None`` when JAX's default devices are Hopper GPUs, else why not."""
+  if jax.default_backend() != "gpu":
+    return f"the default JAX backend is {jax.default_backend()!r}, not a GPU"
+  device = jax.devices()[0]
+  cc = str(getattr(device, "compute_capability", ""))
+  if not cc.startswith("9."):
+    return f"{device.device_kind} has compute capability {cc or 'unknown'}, not Hopper (9.x)"
+  return None
+
+
+def _interpret_params():
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # Tests only.
+
+  return InterpretGPUParams()
+
+
+def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
+  extra = -a.shape[0] % multiple
+  return a if not extra else jnp.pad(a, ((0, extra), (0, 0)))
+
+
+class _Plan:
+  """Which kernel (or XLA) runs each of the three products, decided at trace time."""
+
+  def __init__(self, x, w, group_sizes, out_dtype, implementation: str):
+    self.implementation = implementation
+    self.interpret = _interpret_params() if implementation == "interpret" else None
+    self.num_sms = 4 if implementation == "interpret" else None
+    num_rows, k = x.shape
+    _, _, m = w.shape
+    self.fwd_cfg = tile_config("fwd", k, m, x.dtype)
+    self.dgrad_cfg = tile_config("dgrad", m, k, x.dtype)
+    self.wgrad_cfg = tile_config("wgrad", k, m, x.dtype)
+    rows = num_rows + (-num_rows % 128)  # Row blocks of 128 suit every config above.
+    self.row_multiple = 128
+    if implementation == "xla":
+      self.why_not = "implementation='xla'"
+    elif implementation == "interpret":
+      self.why_not = None
+    else:
+      self.why_not = _hopper()
+    if self.why_not is None:
+      self.why_not = mosaic.gmm_unsupported((rows, k), w.shape, x.dtype, w.dtype, False, self.fwd_cfg)
+    self.why_not_dgrad = self.why_not or mosaic.gmm_unsupported(
+        (rows, m), w.shape, x.dtype, w.dtype, True, self.dgrad_cfg)
+    self.why_not_wgrad = self.why_not or mosaic.tgmm_unsupported(
+        (rows, k), (rows, m), x.dtype, x.dtype, self.wgrad_cfg)
+    if implementation == "mosaic":
+      for what, why in (("forward", self.why_not), ("dgrad", self.why_not_dgrad),
+                        ("wgrad", self.why_not_wgrad)):
+        if why:
+          raise ValueError(
+              f"grouped_matmul(implementation='mosaic'): the {what} kernel cannot run: {why}. "
+              "Fix: use implementation='auto' (falls back to jax.lax.ragged_dot) or change the "
+              "shapes/dtypes.")
+    shape = f"x {x.dtype}{tuple(x.shape)}, w {w.dtype}{tuple(w.shape)}"
+    if self.why_not:
+      _log_once(logging.WARNING if implementation == "auto" and jax.default_backend() == "gpu"
+                else logging.INFO,
+                f"jax_moe_dispatch.grouped_matmul: jax.lax.ragged_dot for {shape} ({self.why_not}).")
+    else:
+      _log_once(logging.INFO, f"jax_moe_dispatch.grouped_matmul: Mosaic-GPU kernels for {shape}.")
+      for what, why in (("dgrad", self.why_not_dgrad), ("wgrad", self.why_not_wgrad)):
+        if why:
+          _log_once(logging.WARNING,
+                    f"jax_moe_dispatch.grouped_matmul: the {what} of {shape} runs on "
+                    f"jax.lax.ragged_dot ({why}).")
+
+
+def _ragged(x, w, group_sizes, out_dtype):
+  return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
+
+
+def _forward(plan: _Plan, x, w, group_sizes, out_dtype):
+  if plan.why_not:
+    return _ragged(x, w, group_sizes, out_dtype)
+  num_rows = x.shape[0]
+  out = mosaic.gmm(_pad_rows(x, plan.row_multiple), w, group_sizes, out_dtype=out_dtype,
+                   cfg=plan.fwd_cfg, num_sms=plan.num_sms, interpret=plan.interpret)
+  return out[:num_rows]
+
+
+def _dgrad(plan: _Plan, dy, w, group_sizes, x_dtype):
+  if plan.why_not_dgrad:
+    return _ragged(dy, jnp.swapaxes(w, 1, 2), group_sizes, x_dtype)
+  num_rows = dy.shape[0]
+  out = mosaic.gmm(_pad_rows(dy, plan.row_multiple), w, group_sizes, transpose_rhs=True,
+                   out_dtype=x_dtype, cfg=plan.dgrad_cfg, num_sms=plan.num_sms,
+                   interpret=plan.interpret)
+  return out[:num_rows]
+
+
+def _wgrad(plan: _Plan, x, dy, group_sizes, w_dtype):
+  if plan.why_not_wgrad:
+    _, pullback = jax.vjp(lambda w: _ragged(x, w, group_sizes, dy.dtype),
+                          jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), w_dtype))
+    return pullback(dy)[0]
+  return mosaic.tgmm(_pad_rows(x, plan.row_multiple), _pad_rows(dy, plan.row_multiple),
+                     group_sizes, out_dtype=w_dtype, cfg=plan.wgrad_cfg, num_sms=plan.num_sms,
+                     interpret=plan.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul(x, w, group_sizes, out_dtype, implementation):
+  plan = _Plan(x, w, group_sizes, out_dtype, implementation)
+  return _forward(plan, x, w, group_sizes, out_dtype)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation):
+  return _grouped_matmul(x, w, group_sizes, out_dtype, implementation), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(out_dtype, implementation, res, dy):
+  x, w, group_sizes = res
+  plan = _Plan(x, w, group_sizes, out_dtype, implementation)
+  dy = dy.astype(x.dtype)
+  dx = _dgrad(plan, dy, w, group_sizes, x.dtype)
+  dw = _wgrad(plan, x, dy, group_sizes, w.dtype)
+  return dx, dw, None
+
+
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def grouped_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    implementation: GemmImplementation = "auto",
+) -> jax.Array:
+  """Grouped matrix product with :func:`jax.lax.ragged_dot` semantics.
+
+  Args:
+    x: ``[N, K]``; rows are grouped consecutively from row 0.
+    w: ``[G, K, M]``, one matrix per group, the dtype of ``x``.
+    group_sizes: ``[G]`` integer rows per group (``sum <= N``); traced values
+      are fine, nothing synchronises with the host.
+    preferred_element_type: dtype of the result (default ``x.dtype``);
+      products accumulate in float32 either way.
+    implementation: ``"auto"``, ``"mosaic"``, ``"xla"`` or ``"interpret"``
+      (module docstring).
+
+  Returns:
+    ``[N, M]``: row ``r`` of group ``g`` is ``x[r] @ w[g]``; rows past
+    ``sum(group_sizes)`` are zero. Differentiable in ``x`` and ``w``.
+  """
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is not one of {_IMPLEMENTATIONS}.")
+  if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+    raise ValueError(f"grouped_matmul takes x [N, K] and w [G, K, M]; got x {x.shape}, w {w.shape}.")
+  if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(
+        f"group_sizes must be an integer array [G={w.shape[0]}], got "
+        f"{group_sizes.dtype}{group_sizes.shape}.")
+  if x.dtype != w.dtype:
+    raise TypeError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}. Fix: cast one.")
+  out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+  return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), out_dtype, implementation)
