@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import jax.test_util  # noqa: F401
 import numpy as np
-import oracle
+from jax_moe_dispatch import oracle
 import pytest
 
 from jax_moe_dispatch import fused_dispatch, hybrid_ep_combine, hybrid_ep_dispatch

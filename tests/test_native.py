@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import jax.test_util  # noqa: F401
 import numpy as np
-import oracle
+from jax_moe_dispatch import oracle
 import pytest
 from conftest import gpu_count
 

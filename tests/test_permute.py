@@ -8,7 +8,7 @@ import _harness as H  # Sets XLA_FLAGS before jax is imported.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
+from jax_moe_dispatch import oracle
 import pytest
 
 from jax_moe_dispatch import permute as P
