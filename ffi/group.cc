@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -15,8 +16,23 @@ namespace jmd {
 namespace {
 
 std::mutex g_mutex;
-// device ordinal -> member; members of one group share the `devices` list.
+// device ordinal -> usable member; the local members of one group share `local_devices`.
 std::map<int, std::unique_ptr<Member>> g_members;
+// device ordinal -> member of a group spanning processes, between CreateExported and OpenPeers.
+std::map<int, std::unique_ptr<Member>> g_pending;
+
+// A rank's allocation in a group spanning processes: its SignalRegion, then its
+// staging buffer at this offset (aligned for any vector width).
+constexpr size_t kStagingOffset = (sizeof(SignalRegion) + 255) / 256 * 256;
+
+// What one rank of a group spanning processes tells its peers (ExportedBytes()).
+struct Exported {
+  cudaIpcMemHandle_t handle;  // of the whole allocation.
+  uint64_t base;              // the allocation's address in the exporter's process.
+  uint64_t bytes;             // the allocation's size.
+  int32_t position;
+  int32_t size;
+};
 
 std::string CudaError(const char* what, cudaError_t err) {
   return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
@@ -50,22 +66,34 @@ void FreeDiag(Diag* host) {
   std::free(host);
 }
 
+// Waits for the member's device, closes the peers' IPC mappings, then frees what
+// this process allocated for it.
 void FreeMemberLocked(Member& m) {
   cudaSetDevice(m.device);
   cudaDeviceSynchronize();
-  if (m.regions[m.position] != nullptr) cudaFree(m.regions[m.position]);
+  for (void*& peer : m.mapped) {
+    if (peer != nullptr) cudaIpcCloseMemHandle(peer);
+    peer = nullptr;
+  }
+  if (m.allocation != nullptr) {
+    cudaFree(m.allocation);
+  } else if (m.regions[m.position] != nullptr) {
+    cudaFree(m.regions[m.position]);
+  }
   FreeDiag(m.diag_host);
+  m.allocation = nullptr;
+  m.staging = nullptr;
   m.regions[m.position] = nullptr;
   m.diag_host = nullptr;
 }
 
-// Frees the groups that contain any of `devices`.
+// Frees the groups (and pending ranks) that contain any of `devices`.
 void FreeGroupsOfLocked(const std::vector<int>& devices) {
   std::vector<int> doomed;
   for (int d : devices) {
     auto it = g_members.find(d);
     if (it == g_members.end()) continue;
-    for (int other : it->second->devices) doomed.push_back(other);
+    for (int other : it->second->local_devices) doomed.push_back(other);
   }
   std::sort(doomed.begin(), doomed.end());
   doomed.erase(std::unique(doomed.begin(), doomed.end()), doomed.end());
@@ -75,6 +103,24 @@ void FreeGroupsOfLocked(const std::vector<int>& devices) {
     FreeMemberLocked(*it->second);
     g_members.erase(it);
   }
+  for (int d : devices) {
+    auto it = g_pending.find(d);
+    if (it == g_pending.end()) continue;
+    FreeMemberLocked(*it->second);
+    g_pending.erase(it);
+  }
+}
+
+std::string CheckOrdinal(int device) {
+  int count = 0;
+  if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
+    return CudaError("cudaGetDeviceCount", err);
+  }
+  if (device < 0 || device >= count) {
+    return "device ordinal " + std::to_string(device) + " is not one of the " + std::to_string(count) +
+           " visible GPUs";
+  }
+  return "";
 }
 
 }  // namespace
@@ -86,22 +132,16 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
   if (n < 1 || n > kMaxRanks) {
     return "a group has 1.." + std::to_string(kMaxRanks) + " GPUs, got " + std::to_string(n);
   }
-  int count = 0;
-  if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
-    return CudaError("cudaGetDeviceCount", err);
-  }
   for (int i = 0; i < n; ++i) {
-    if (devices[i] < 0 || devices[i] >= count) {
-      return "device ordinal " + std::to_string(devices[i]) + " is not one of the " +
-             std::to_string(count) + " visible GPUs";
-    }
+    if (std::string err = CheckOrdinal(devices[i]); !err.empty()) return err;
     for (int j = 0; j < i; ++j) {
       if (devices[i] == devices[j]) return "a GPU appears twice in the group";
     }
   }
   // The same group again: keep it (and its epochs, which running programs rely on).
   auto first = g_members.find(devices[0]);
-  if (first != g_members.end() && first->second->devices == devices) {
+  if (first != g_members.end() && first->second->allocation == nullptr &&
+      first->second->local_devices == devices) {
     for (int d : devices) g_members[d]->timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
     return "";
   }
@@ -128,13 +168,17 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
     }
   }
 
+  std::vector<std::string> names;
+  for (int d : devices) names.push_back("GPU " + std::to_string(d));
   std::vector<std::unique_ptr<Member>> made;
   SignalRegion* regions[kMaxRanks] = {};
   for (int i = 0; i < n; ++i) {
     auto m = std::make_unique<Member>();
     m->device = devices[i];
     m->position = i;
-    m->devices = devices;
+    m->size = n;
+    m->local_devices = devices;
+    m->names = names;
     m->timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
     cudaSetDevice(devices[i]);
     cudaError_t err = cudaMalloc(&regions[i], sizeof(SignalRegion));
@@ -159,11 +203,122 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
   return "";
 }
 
+size_t ExportedBytes() { return sizeof(Exported); }
+
+std::string CreateExported(int device, int position, int size, double timeout_s, size_t staging_bytes,
+                           std::string* blob) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  DeviceGuard guard;
+  if (size < 2 || size > kMaxRanks || position < 0 || position >= size) {
+    return "a group spanning processes has 2.." + std::to_string(kMaxRanks) + " ranks; got position " +
+           std::to_string(position) + " of " + std::to_string(size);
+  }
+  if (std::string err = CheckOrdinal(device); !err.empty()) return err;
+  FreeGroupsOfLocked({device});
+
+  auto m = std::make_unique<Member>();
+  m->device = device;
+  m->position = position;
+  m->size = size;
+  m->local_devices = {device};
+  m->timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  m->staging_bytes = (staging_bytes + 255) / 256 * 256;
+  const size_t bytes = kStagingOffset + m->staging_bytes;
+  cudaSetDevice(device);
+  Exported out{};
+  cudaError_t err = cudaMalloc(&m->allocation, bytes);
+  if (err == cudaSuccess) err = cudaMemset(m->allocation, 0, sizeof(SignalRegion));
+  if (err == cudaSuccess) err = cudaIpcGetMemHandle(&out.handle, m->allocation);
+  if (err == cudaSuccess) err = AllocDiag(&m->diag_host, &m->diag_device);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();  // The region is zero before peers map it.
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (m->allocation != nullptr) cudaFree(m->allocation);
+    FreeDiag(m->diag_host);
+    return CudaError("allocating the IPC-exported signal region and staging buffer", err);
+  }
+  m->staging = m->allocation + kStagingOffset;
+  m->regions[position] = reinterpret_cast<SignalRegion*>(m->allocation);
+  out.base = reinterpret_cast<uint64_t>(m->allocation);
+  out.bytes = bytes;
+  out.position = position;
+  out.size = size;
+  blob->assign(reinterpret_cast<const char*>(&out), sizeof(out));
+  g_pending[device] = std::move(m);
+  return "";
+}
+
+std::string OpenPeers(int device, const std::vector<std::string>& blobs, const std::vector<std::string>& names) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  DeviceGuard guard;
+  auto it = g_pending.find(device);
+  if (it == g_pending.end()) return "no pending rank on GPU " + std::to_string(device) + " (CreateExported first)";
+  std::unique_ptr<Member> m = std::move(it->second);
+  g_pending.erase(it);
+  if (static_cast<int>(blobs.size()) != m->size || static_cast<int>(names.size()) != m->size) {
+    FreeMemberLocked(*m);
+    return "expected " + std::to_string(m->size) + " blobs and names, got " + std::to_string(blobs.size()) +
+           " and " + std::to_string(names.size());
+  }
+  m->names = names;
+  const uint64_t own_bytes = kStagingOffset + m->staging_bytes;
+  std::string error;
+  for (int p = 0; p < m->size && error.empty(); ++p) {
+    Exported in{};
+    if (blobs[p].size() != sizeof(Exported)) {
+      error = "the blob of " + names[p] + " has " + std::to_string(blobs[p].size()) + " bytes, expected " +
+              std::to_string(sizeof(Exported));
+      break;
+    }
+    std::memcpy(&in, blobs[p].data(), sizeof(in));
+    if (in.position != p || in.size != m->size) {
+      error = names[p] + " set up position " + std::to_string(in.position) + " of a group of " +
+              std::to_string(in.size) + ", expected position " + std::to_string(p) + " of " +
+              std::to_string(m->size) + ": every process must call get_buffer with the same mesh and axis";
+    } else if (in.bytes != own_bytes) {
+      error = names[p] + " allocated " + std::to_string(in.bytes) + " bytes, this rank " +
+              std::to_string(own_bytes) +
+              ": every process must call get_buffer with the same hidden_bytes and max_num_tokens";
+    } else if (p == m->position) {
+      if (in.base != reinterpret_cast<uint64_t>(m->allocation)) error = "blob " + std::to_string(p) + " is not this rank's";
+    } else {
+      cudaSetDevice(device);
+      void* peer = nullptr;
+      cudaError_t err = cudaIpcOpenMemHandle(&peer, in.handle, cudaIpcMemLazyEnablePeerAccess);
+      if (err != cudaSuccess) {
+        cudaGetLastError();  // Not sticky: clear it so that later launch checks do not see it.
+        error = CudaError(("mapping the buffer of " + names[p] + " (cudaIpcOpenMemHandle; all ranks of a "
+                           "group must be on one node)").c_str(), err);
+        break;
+      }
+      m->mapped[p] = peer;
+      m->regions[p] = static_cast<SignalRegion*>(peer);
+      m->delta[p] = static_cast<int64_t>(reinterpret_cast<uint64_t>(peer) - in.base);
+    }
+  }
+  if (!error.empty()) {
+    FreeMemberLocked(*m);
+    return error;
+  }
+  g_members[device] = std::move(m);
+  return "";
+}
+
+std::string SetTimeout(int device, double timeout_s) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_members.find(device);
+  if (it == g_members.end()) return "no native buffer on GPU " + std::to_string(device);
+  it->second->timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  return "";
+}
+
 std::string FreeAll() {
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceGuard guard;
   for (auto& [device, m] : g_members) FreeMemberLocked(*m);
+  for (auto& [device, m] : g_pending) FreeMemberLocked(*m);
   g_members.clear();
+  g_pending.clear();
   return "";
 }
 
@@ -195,21 +350,24 @@ Member* FindMember(int device) {
   return it == g_members.end() ? nullptr : it->second.get();
 }
 
-std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_t timeout_ns) {
+std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, int self, uint64_t timeout_ns) {
+  const int n = static_cast<int>(names.size());
+  auto name = [&](int p) {
+    return p >= 0 && p < n ? names[p] + " (group position " + std::to_string(p) + ")"
+                           : "group position " + std::to_string(p);
+  };
+  const std::string me = self >= 0 && self < n ? names[self] : "GPU " + std::to_string(d.device);
   const std::string call = "call #" + std::to_string(d.epoch);
   if (d.code == kDiagTimeout) {
-    const std::string peer = d.peer >= 0 && d.peer < static_cast<int>(devices.size())
-                                 ? "GPU " + std::to_string(devices[d.peer]) + " (group position " +
-                                       std::to_string(d.peer) + ")"
-                                 : "group position " + std::to_string(d.peer);
-    return "GPU " + std::to_string(d.device) + " timed out after " +
-           std::to_string(timeout_ns / 1000000) + " ms waiting for " + peer + " in the " +
-           (d.stage == kStageNotify ? "notify" : "completion") + " step of " + call +
-           " (it last saw call #" + std::to_string(d.seen) +
-           "): not every GPU of the axis ran the same dispatch/combine calls in the same order";
+    return me + " timed out after " + std::to_string(timeout_ns / 1000000) + " ms waiting for " +
+           name(d.peer) + " in the " + (d.stage == kStageNotify ? "notify" : "completion") + " step of " +
+           call + " (it last saw call #" + std::to_string(d.seen) +
+           "): that rank did not reach this call. Either not every rank of the axis runs the same "
+           "dispatch/combine calls in the same order, or its process died or is still busy (e.g. "
+           "compiling the program; then raise get_buffer's timeout_s)";
   }
   if (d.code == kDiagBadAxis) {
-    return "GPU " + std::to_string(d.device) + " saw inconsistent axis indices in " + call +
+    return me + " saw inconsistent axis indices in " + call +
            ": the mesh axis does not match the group set up by get_buffer";
   }
   return "";
@@ -217,7 +375,8 @@ std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_
 
 std::string LastError(int device) {
   Diag d{};
-  std::vector<int> devices;
+  std::vector<std::string> names;
+  int self = -1;
   uint64_t timeout_ns = 0;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -225,10 +384,11 @@ std::string LastError(int device) {
     if (it == g_members.end() || it->second->diag_host == nullptr) return "";
     std::memcpy(&d, it->second->diag_host, sizeof(d));  // Written by kernels (host-mapped).
     if (d.code == kDiagNone) return "";
-    devices = it->second->devices;
+    names = it->second->names;
+    self = it->second->position;
     timeout_ns = it->second->timeout_ns;
   }
-  return DescribeDiag(d, devices, timeout_ns);
+  return DescribeDiag(d, names, self, timeout_ns);
 }
 
 size_t RegionBytes() { return sizeof(SignalRegion); }

@@ -1,8 +1,15 @@
-// Host side: the expert-parallel groups of local GPUs and their signal regions.
+// Host side: the expert-parallel groups this process takes part in, and their memory.
+//
+// A group is either driven by one process (CreateGroup: every GPU of the group is
+// local, peers are reached through CUDA peer access) or spans processes, one rank
+// per process (CreateExported + OpenPeers: each rank allocates its signal region
+// and staging buffer as one cudaMalloc allocation, exports it through CUDA IPC, and
+// maps its peers' allocations; the caller carries the exported blobs between
+// processes). The kernels see the same GroupView either way (protocol.h).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -10,39 +17,71 @@
 
 namespace jmd {
 
-// One GPU's membership in a group. Owned by the registry; handlers borrow it.
+// One rank's membership in a group. Owned by the registry; handlers borrow it.
 struct Member {
-  int device = -1;
-  int position = -1;
-  std::vector<int> devices;            // the whole group, by position.
-  SignalRegion* regions[kMaxRanks] = {};
+  int device = -1;                     // CUDA ordinal of this rank's GPU in this process.
+  int position = -1;                   // index in the group (axis order).
+  int size = 0;                        // ranks in the group.
+  std::vector<int> local_devices;      // the group's GPUs driven by this process.
+  std::vector<std::string> names;      // by position, for messages: "GPU 3", "process 2 (GPU 0)".
+  SignalRegion* regions[kMaxRanks] = {};  // by position; regions[position] is this rank's.
+  int64_t delta[kMaxRanks] = {};       // by position (protocol.h); all 0 in one process.
+  // Groups spanning processes: this rank's allocation (region, then staging) and
+  // the peers' allocations mapped here (by position; null for this rank).
+  char* allocation = nullptr;
+  char* staging = nullptr;             // null in one process: inputs are read in place.
+  size_t staging_bytes = 0;
+  void* mapped[kMaxRanks] = {};
   Diag* diag_host = nullptr;           // host-mapped.
   Diag* diag_device = nullptr;
-  uint64_t epoch = 0;                  // calls issued on this device so far.
+  uint64_t epoch = 0;                  // calls issued by this rank so far.
   uint64_t timeout_ns = 0;
 };
 
 // Allocates a SignalRegion on every device, enables peer access between all
-// pairs and registers the group. A device already in another group leaves it
-// (that group is freed). Returns an empty string or the reason it failed.
+// pairs and registers the group (one process drives all of it). A device already
+// in another group leaves it (that group is freed); the same group again is kept
+// with its state (only the timeout changes). Returns "" or the reason it failed.
 std::string CreateGroup(const std::vector<int>& devices, double timeout_s);
 
-// Frees every group (synchronising its devices first).
+// Bytes of the blob CreateExported writes: this rank's IPC handle and addresses.
+size_t ExportedBytes();
+
+// First step of a rank of a group that spans processes: allocates this rank's
+// signal region and a staging buffer of `staging_bytes` on `device` as one
+// IPC-exportable allocation and writes into `blob` what peers need to map it. The
+// rank is pending (not usable) until OpenPeers. Any group `device` was in is freed.
+std::string CreateExported(int device, int position, int size, double timeout_s, size_t staging_bytes,
+                           std::string* blob);
+
+// Second step: maps every peer's allocation (blobs by position, this rank's own
+// included) and makes the pending rank on `device` usable. `names` (by position)
+// name the ranks in error messages. On failure the pending rank is freed.
+std::string OpenPeers(int device, const std::vector<std::string>& blobs, const std::vector<std::string>& names);
+
+// Sets the timeout of the rank on `device` (it must exist).
+std::string SetTimeout(int device, double timeout_s);
+
+// Frees every group and pending rank: synchronises each device, closes the peers'
+// IPC mappings, then frees this process's allocations.
 std::string FreeAll();
 
-// Zeroes every signal region and epoch (all devices must be idle).
+// Zeroes this process's signal regions and call counters (its devices must be
+// idle; in a group spanning processes, every process must reset before any issues
+// a new call: the caller synchronises them).
 std::string ResetAll();
 
-// The member for a CUDA device ordinal, or nullptr.
+// The usable member for a CUDA device ordinal, or nullptr.
 Member* FindMember(int device);
 
 // A description of the last kernel failure recorded on `device`, or "".
 std::string LastError(int device);
 
-// The words for a recorded failure (pure; tested on machines without GPUs).
-std::string DescribeDiag(const Diag& d, const std::vector<int>& devices, uint64_t timeout_ns);
+// The words for a recorded failure of the rank at `self` (pure; tested on
+// machines without GPUs). `names` name the group's ranks by position.
+std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, int self, uint64_t timeout_ns);
 
-// Bytes of device memory the registry holds on each device.
+// Bytes of device memory one rank's signal region takes.
 size_t RegionBytes();
 
 }  // namespace jmd

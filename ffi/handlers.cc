@@ -1,4 +1,5 @@
-// XLA FFI handlers: check the buffers, find this GPU's group, launch notify + data.
+// XLA FFI handlers: check the buffers, find this GPU's rank, stage the inputs when
+// its group spans processes, launch notify + data.
 // Errors are returned as ffi::Error; nothing throws across the FFI boundary.
 #include "handlers.h"
 
@@ -31,8 +32,9 @@ ffi::Error CudaFailure(const char* what, cudaError_t err) {
                               " (" + cudaGetErrorString(err) + ")");
 }
 
-// The group of `device`, checked against the axis size, with this call's epoch.
-ffi::ErrorOr<GroupView> Enter(int32_t device, int64_t axis_size) {
+// This GPU's rank, checked against the axis size and its last recorded failure;
+// makes its GPU current.
+ffi::ErrorOr<Member*> Find(int32_t device, int64_t axis_size) {
   Member* m = FindMember(device);
   if (m == nullptr) {
     return ffi::Unexpected(ffi::Error(
@@ -41,34 +43,93 @@ ffi::ErrorOr<GroupView> Enter(int32_t device, int64_t axis_size) {
             ". Fix: call jax_moe_dispatch.get_buffer(mesh, hidden_bytes) with the mesh whose "
             "expert axis this op runs over, before running it (or use implementation='reference')."));
   }
-  if (static_cast<int64_t>(m->devices.size()) != axis_size) {
+  if (m->size != axis_size) {
     return ffi::Unexpected(ffi::Error(
         ffi::ErrorCode::kFailedPrecondition,
         "jax_moe_dispatch: the expert axis has " + std::to_string(axis_size) + " ranks but GPU " +
-            std::to_string(device) + "'s buffer was set up for a group of " +
-            std::to_string(m->devices.size()) + ". Fix: call get_buffer with the mesh and axis_name "
-            "this op runs over."));
+            std::to_string(device) + "'s buffer was set up for a group of " + std::to_string(m->size) +
+            ". Fix: call get_buffer with the mesh and axis_name this op runs over."));
   }
   if (std::string last = LastError(device); !last.empty()) {
     return ffi::Unexpected(ffi::Error(
         ffi::ErrorCode::kFailedPrecondition,
         "jax_moe_dispatch: an earlier dispatch/combine on this GPU gave up (its results were "
-        "invalid): " + last + ". Fix: make every GPU of the axis run the same calls, then restart "
-        "the process or call jax_moe_dispatch.reset_hybrid_ep_buffer() once every GPU is idle."));
+        "invalid): " + last + ". Fix: make every rank of the axis run the same calls, then restart "
+        "the processes or call jax_moe_dispatch.reset_hybrid_ep_buffer() in every process once "
+        "every rank is idle."));
   }
   int current = -1;
   cudaGetDevice(&current);
-  if (current != device) cudaSetDevice(device);
+  if (current != device) cudaSetDevice(device);  // For the staging copies and launches.
+  return m;
+}
+
+// The kernels' view of `m`'s group for the next call; advances its epoch. Called
+// once every check of the call has passed, so that all ranks count the same calls.
+GroupView Begin(Member& m) {
   GroupView g{};
-  for (size_t i = 0; i < m->devices.size(); ++i) g.regions[i] = m->regions[i];
-  g.diag = m->diag_device;
-  g.size = static_cast<int32_t>(m->devices.size());
-  g.position = m->position;
-  g.device = device;
-  g.epoch = ++m->epoch;
-  g.timeout_ns = m->timeout_ns;
+  for (int i = 0; i < m.size; ++i) {
+    g.regions[i] = m.regions[i];
+    g.delta[i] = m.delta[i];
+  }
+  g.diag = m.diag_device;
+  g.size = m.size;
+  g.position = m.position;
+  g.device = m.device;
+  g.epoch = ++m.epoch;
+  g.timeout_ns = m.timeout_ns;
   return g;
 }
+
+// Staging offsets are multiples of this (any vector width).
+constexpr size_t kStagingAlign = 256;
+
+size_t Aligned(size_t bytes) { return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
+
+// A group spanning processes: peers cannot read XLA's buffers (not IPC-exportable),
+// so a call copies its inputs into this rank's staging buffer, in order, and
+// publishes those copies. One process: no staging, inputs are published in place.
+class Staging {
+ public:
+  Staging(const Member& m, cudaStream_t stream) : m_(m), stream_(stream) {}
+
+  bool active() const { return m_.staging != nullptr; }
+
+  // Fails (naming the fix) unless `bytes` (the sum of Aligned sizes) fit.
+  ffi::Error Reserve(size_t bytes, const char* op) const {
+    if (!active() || bytes <= m_.staging_bytes) return ffi::Error::Success();
+    return ffi::Error(
+        ffi::ErrorCode::kResourceExhausted,
+        std::string("jax_moe_dispatch: this ") + op + " stages " + std::to_string(bytes) +
+            " bytes per rank but the staging buffer set up by get_buffer holds " +
+            std::to_string(m_.staging_bytes) + ". Fix: call jax_moe_dispatch.get_buffer with a larger "
+            "hidden_bytes or max_num_tokens (it holds num_ranks * max_num_tokens rows of hidden_bytes "
+            "plus routing metadata; a combine stages all its rows, e.g. float32 gradients).");
+  }
+
+  // The next `bytes` of staging (after Reserve).
+  char* Take(size_t bytes) {
+    char* out = m_.staging + used_;
+    used_ += Aligned(bytes);
+    return out;
+  }
+
+  // The address peers read `src` at: a staged copy, or `src` itself in one process.
+  ffi::ErrorOr<const void*> Publish(const void* src, size_t bytes) {
+    if (!active()) return src;
+    char* dst = Take(bytes);
+    if (cudaError_t err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_);
+        err != cudaSuccess) {
+      return ffi::Unexpected(CudaFailure("staging copy", err));
+    }
+    return static_cast<const void*>(dst);
+  }
+
+ private:
+  const Member& m_;
+  cudaStream_t stream_;
+  size_t used_ = 0;
+};
 
 int VectorWidth(int64_t bytes, const void* base) {
   for (int w : {16, 8, 4, 2}) {
@@ -86,8 +147,9 @@ int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
 }
 
 // Shared by fresh and cached dispatch: checks the arrays, fills the streams and
-// the addresses this rank publishes (its inputs, then its send lists).
-ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, int64_t num_tokens, int64_t ranks,
+// the addresses this rank publishes (its inputs, then its send lists), staging
+// them when the group spans processes.
+ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, Staging& staging, int64_t num_tokens, int64_t ranks,
                          ffi::Result<S32Matrix>& lists, ffi::RemainingArgs args, ffi::RemainingRets rets,
                          int64_t num_payloads, int64_t max_recv) {
   const int64_t num_streams = static_cast<int64_t>(args.size());
@@ -101,6 +163,10 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, int64_t num_tokens,
     return Invalid("at most " + std::to_string(kMaxStreams - 1) + " arrays per dispatch");
   }
   if (num_tokens * ranks > INT32_MAX || max_recv > INT32_MAX) return Invalid("too many tokens");
+  const size_t list_bytes = static_cast<size_t>(num_tokens * ranks) * sizeof(int32_t);
+  const void* inputs[kMaxStreams] = {};
+  size_t input_bytes[kMaxStreams] = {};
+  size_t staged = Aligned(list_bytes);
   for (int64_t i = 0; i < num_streams; ++i) {
     auto in = args.get<ffi::AnyBuffer>(i);
     auto out = rets.get<ffi::AnyBuffer>(i);
@@ -123,12 +189,24 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, int64_t num_tokens,
     s.bytes = static_cast<int32_t>(bytes);
     s.dest_stride = sliced ? bytes : 0;
     s.tok_stride = sliced ? bytes * ranks : bytes;
-    // Peers' inputs have the same shapes; XLA aligns every buffer to at least 16 bytes.
-    s.width = std::min(VectorWidth(bytes, in->untyped_data()), VectorWidth(bytes, s.dst));
-    n.ptrs[i] = reinterpret_cast<uint64_t>(in->untyped_data());
+    inputs[i] = in->untyped_data();
+    input_bytes[i] = in->size_bytes();
+    staged += Aligned(input_bytes[i]);
+  }
+  if (auto err = staging.Reserve(staged, "dispatch"); err.failure()) return err;
+  for (int64_t i = 0; i < num_streams; ++i) {
+    auto src = staging.Publish(inputs[i], input_bytes[i]);
+    if (!src.has_value()) return src.error();
+    Stream& s = p.streams[i];
+    // Peers' inputs have the same shapes and alignment: XLA aligns every buffer to at
+    // least 16 bytes, staged copies start at multiples of 256.
+    s.width = std::min(VectorWidth(s.bytes, *src), VectorWidth(s.bytes, s.dst));
+    n.ptrs[i] = reinterpret_cast<uint64_t>(*src);
   }
   p.num_streams = static_cast<int32_t>(num_streams);
-  n.lists = lists->typed_data();
+  // Peers read the lists where notify writes them: the `lists` result in one process
+  // (then left unwritten otherwise), the staging buffer when the group spans processes.
+  n.lists = staging.active() ? reinterpret_cast<int32_t*>(staging.Take(list_bytes)) : lists->typed_data();
   n.ptrs[num_streams] = reinterpret_cast<uint64_t>(n.lists);
   n.num_tokens = static_cast<int32_t>(num_tokens);
   p.num_tokens = n.num_tokens;
@@ -162,11 +240,12 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_inde
       dest_offset->dimensions()[0] != ranks || recv_count->dimensions()[0] != ranks) {
     return Invalid("send_pos must be [T, R], dest_offset and recv_count [R]");
   }
-  auto g = Enter(device, ranks);
-  if (!g.has_value()) return g.error();
+  auto m = Find(device, ranks);
+  if (!m.has_value()) return m.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = SetUpDispatch(p, n, num_tokens, ranks, lists, args, rets, num_payloads,
+  Staging staging(**m, stream);
+  if (auto err = SetUpDispatch(p, n, staging, num_tokens, ranks, lists, args, rets, num_payloads,
                                recv_token->dimensions()[0]);
       err.failure()) {
     return err;
@@ -177,7 +256,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_inde
   n.send_pos = send_pos->typed_data();
   n.dest_offset = dest_offset->typed_data();
   n.recv_count = recv_count->typed_data();
-  return Launch(*g, n, p, num_blocks, stream);
+  return Launch(Begin(**m), n, p, num_blocks, stream);
 }
 
 ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
@@ -185,18 +264,19 @@ ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axi
                               ffi::RemainingRets rets, int64_t max_recv, int64_t num_blocks) {
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   if (recv_count.dimensions()[0] != ranks) return Invalid("recv_count must be [R]");
-  auto g = Enter(device, ranks);
-  if (!g.has_value()) return g.error();
+  auto m = Find(device, ranks);
+  if (!m.has_value()) return m.error();
   DispatchParams p{};
   NotifyParams n{};
-  if (auto err = SetUpDispatch(p, n, num_tokens, ranks, lists, args, rets, args.size(), max_recv);
+  Staging staging(**m, stream);
+  if (auto err = SetUpDispatch(p, n, staging, num_tokens, ranks, lists, args, rets, args.size(), max_recv);
       err.failure()) {
     return err;
   }
   n.axis_index = axis_index.typed_data();
   n.kept_pos = send_pos.typed_data();
   n.cached_recv = recv_count.typed_data();
-  return Launch(*g, n, p, num_blocks, stream);
+  return Launch(Begin(**m), n, p, num_blocks, stream);
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
@@ -217,19 +297,24 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index
     default: return Invalid("combine rows must be float32, bfloat16 or float16");
   }
   if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]");
-  auto g = Enter(device, ranks);
-  if (!g.has_value()) return g.error();
+  auto m = Find(device, ranks);
+  if (!m.has_value()) return m.error();
+  Staging staging(**m, stream);
+  if (auto err = staging.Reserve(Aligned(rows.size_bytes()), "combine"); err.failure()) return err;
+  auto src = staging.Publish(rows.untyped_data(), rows.size_bytes());
+  if (!src.has_value()) return src.error();
   NotifyParams n{};
   n.axis_index = axis_index.typed_data();
-  n.ptrs[0] = reinterpret_cast<uint64_t>(rows.untyped_data());
+  n.ptrs[0] = reinterpret_cast<uint64_t>(*src);
   n.max_recv = static_cast<int32_t>(rows_dims[0]);
   p.send_pos = send_pos.typed_data();
   p.dest_offset = dest_offset.typed_data();
   p.out = out->untyped_data();
   p.num_tokens = static_cast<int32_t>(num_tokens);
   p.hidden = static_cast<int32_t>(rows_dims[1]);
-  if (cudaError_t err = LaunchNotify(*g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  if (cudaError_t err = LaunchCombine(*g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
+  const GroupView g = Begin(**m);
+  if (cudaError_t err = LaunchNotify(g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
+  if (cudaError_t err = LaunchCombine(g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
     return CudaFailure("combine launch", err);
   }
   return ffi::Error::Success();

@@ -143,7 +143,7 @@ __device__ void BuildLists(const NotifyParams& p, int size, int* counts) {
   }
 }
 
-__global__ void __launch_bounds__(kNotifyThreads) NotifyKernel(GroupView g, const __grid_constant__ NotifyParams p) {
+__global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, const __grid_constant__ NotifyParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int size = g.size;
   SignalRegion* mine = g.regions[g.position];
@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kNotifyThreads) NotifyKernel(GroupView g, cons
   }
   if (warp < size) {  // Read what member `warp` published for me.
     Slot* slot = &mine->slots[warp];
+    const uint64_t delta = static_cast<uint64_t>(g.delta[warp]);
     int arrived = 1;
     if (lane == 0) arrived = WaitForEpoch(&slot->flag, g, kStageNotify, warp);
     arrived = __shfl_sync(0xffffffffu, arrived, 0);
@@ -191,7 +192,8 @@ __global__ void __launch_bounds__(kNotifyThreads) NotifyKernel(GroupView g, cons
       axis = in->axis_index;
       if (axis >= 0 && axis < size) {
         if (lane < size) layout.counts[axis][lane] = in->counts[lane];
-        if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane];
+        // In this rank's address space (the publisher's own, plus its delta).
+        if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane] + delta;
       }
     } else if (lane == 0) {
       aborted = 1;

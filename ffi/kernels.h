@@ -1,6 +1,7 @@
 // Kernel launchers (kernels.cu). Each returns the launch's cudaError_t.
 //
-// One call of an op is two launches on the caller's stream:
+// One call of an op is two launches on the caller's stream (after the copies of
+// the inputs into the staging buffer when the group spans processes):
 //   notify:  one block; publishes this rank's counts and input addresses to every
 //            peer, waits for theirs (bounded), and derives the layout.
 //   data:    `num_blocks` blocks; pulls rows from the peers' inputs into this rank's

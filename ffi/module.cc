@@ -41,14 +41,33 @@ NB_MODULE(_jmd_ext, m) {
   }, nb::arg("devices"), nb::arg("timeout_s"),
      "Allocate the signal regions of a group of local GPUs (CUDA ordinals, in axis order) "
      "and enable peer access between them. The same group again is kept as it is.");
-  m.def("free_all", []() { Check(jmd::FreeAll()); }, "Free every group's device memory.");
-  m.def("reset", []() { Check(jmd::ResetAll()); }, "Zero every signal region and call counter.");
+  m.def("create_exported", [](int device, int position, int size, double timeout_s, size_t staging_bytes) {
+    std::string blob;
+    Check(jmd::CreateExported(device, position, size, timeout_s, staging_bytes, &blob));
+    return nb::bytes(blob.data(), blob.size());
+  }, nb::arg("device"), nb::arg("position"), nb::arg("size"), nb::arg("timeout_s"), nb::arg("staging_bytes"),
+     "First step of a rank of a group spanning processes: allocate its signal region and "
+     "staging buffer (one CUDA-IPC-exported allocation) on GPU `device`; returns the bytes "
+     "every peer passes to open_peers.");
+  m.def("open_peers", [](int device, const std::vector<nb::bytes>& blobs, const std::vector<std::string>& names) {
+    std::vector<std::string> raw;
+    for (const nb::bytes& b : blobs) raw.emplace_back(b.c_str(), b.size());
+    Check(jmd::OpenPeers(device, raw, names));
+  }, nb::arg("device"), nb::arg("blobs"), nb::arg("names"),
+     "Second step: map every peer's allocation (create_exported's bytes of every rank, by "
+     "group position) and make the rank on `device` usable; `names` name the ranks in errors.");
+  m.def("set_timeout", [](int device, double timeout_s) { Check(jmd::SetTimeout(device, timeout_s)); },
+        nb::arg("device"), nb::arg("timeout_s"), "Change how long the rank on `device` waits for a peer.");
+  m.def("free_all", []() { Check(jmd::FreeAll()); },
+        "Free every group's device memory (peers' IPC mappings are closed first).");
+  m.def("reset", []() { Check(jmd::ResetAll()); },
+        "Zero this process's signal regions and call counters (its GPUs must be idle).");
   m.def("last_error", &jmd::LastError, nb::arg("device"),
         "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
   m.def("_describe_diag", [](int code, int stage, int peer, int device, uint64_t epoch, uint64_t seen,
-                             const std::vector<int>& devices, double timeout_s) {
+                             const std::vector<std::string>& names, int self, double timeout_s) {
     jmd::Diag d{code, stage, peer, device, epoch, seen};
-    return jmd::DescribeDiag(d, devices, static_cast<uint64_t>(timeout_s * 1e9));
-  }, "Test hook: the message for a recorded failure.");
+    return jmd::DescribeDiag(d, names, self, static_cast<uint64_t>(timeout_s * 1e9));
+  }, "Test hook: the message for a failure recorded by the rank at group position `self`.");
   m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
 }

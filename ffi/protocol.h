@@ -1,25 +1,36 @@
 // The signalling protocol shared by the host code and the kernels.
 //
-// Every GPU of an expert-parallel group owns one small SignalRegion (cudaMalloc,
-// peer-accessible from the other GPUs of the group). Rows never pass through it:
-// both ops pull. Dispatch loads each received row straight from the sender's XLA
-// input buffer into the receiver's output; combine loads each token's rows straight
-// from the experts' XLA buffers into the source's output; through CUDA peer access.
-// The region only carries, per call ("epoch"):
+// Every rank of an expert-parallel group owns one small SignalRegion in device
+// memory that the other ranks of the group can write. Rows never pass through it:
+// both ops pull. Dispatch loads each received row from the sender's inputs into the
+// receiver's output; combine loads each token's rows from the experts' inputs into
+// the source's output. The region only carries, per call ("epoch"):
 //   * slots[g]: what group member g published for this call (its index on the JAX
 //     axis, its row counts to every destination, the addresses of its inputs),
 //     written by g into every member's region, flag (= epoch) stored last;
 //   * done[g]: the epoch at which member g finished touching this member's buffers;
 //   * layout: this member's private result of the notify step.
 // Every rank issues the same calls in the same order (one SPMD program), so a host
-// counter per device gives all ranks the same epoch for the same call.
+// counter per rank gives all ranks the same epoch for the same call.
+//
+// How a rank reaches its peers' memory is the only difference between the two
+// ways of running a group:
+//   * one process drives every GPU of the group: regions are reached through CUDA
+//     peer access, and the published addresses are the XLA input buffers
+//     themselves (one address space, GroupView::delta is 0);
+//   * one process per rank (jax.distributed): XLA's buffers cannot be exported
+//     through CUDA IPC, so each rank first copies its inputs into its own staging
+//     buffer (cudaMalloc'd next to its region, one IPC allocation) and publishes
+//     addresses in its own address space; peers map that allocation with
+//     cudaIpcOpenMemHandle and add delta[publisher] (mapped base - published base)
+//     to every address they read from a slot.
 #pragma once
 
 #include <cstdint>
 
 namespace jmd {
 
-inline constexpr int kMaxRanks = 8;     // GPUs of one NVLink group (one node).
+inline constexpr int kMaxRanks = 8;     // ranks of one group (one node).
 inline constexpr int kMaxStreams = 8;   // buffer addresses one rank publishes per call.
 inline constexpr int kThreads = 512;    // threads per block of the data kernels.
 
@@ -61,7 +72,8 @@ struct Diag {
 
 // What a kernel needs to know about its group; passed by value.
 struct GroupView {
-  SignalRegion* regions[kMaxRanks];  // by group position; peers' through P2P.
+  SignalRegion* regions[kMaxRanks];  // by group position; peers' through P2P or IPC.
+  int64_t delta[kMaxRanks];          // by group position: added to the addresses it publishes.
   Diag* diag;                        // device view of this GPU's host-mapped Diag.
   int32_t size;
   int32_t position;                  // this GPU's position in the group.

@@ -20,6 +20,8 @@ def test_extension_built_when_required():
   assert native.extension_built(), native.native_unavailable_reason()
   ext = native.extension()
   assert set(ext.handlers()) == {"jmd_dispatch", "jmd_dispatch_cached", "jmd_combine"}
+  for name in ("create_group", "create_exported", "open_peers", "set_timeout", "free_all", "reset"):
+    assert callable(getattr(ext, name)), name
   assert 0 < ext.region_bytes() < 1 << 20
   assert ext.MAX_RANKS == 8
 
@@ -28,13 +30,18 @@ def test_failure_descriptions():
   if not native.extension_built():
     pytest.skip("extension not built")
   ext = native.extension()
-  msg = ext._describe_diag(1, 0, 1, 3, 7, 6, [2, 3], 2.5)
-  assert msg.startswith("GPU 3 timed out after 2500 ms waiting for GPU 3 (group position 1)")
+  gpus = ["GPU 2", "GPU 3"]
+  msg = ext._describe_diag(1, 0, 1, 3, 7, 6, gpus, 0, 2.5)
+  assert msg.startswith("GPU 2 timed out after 2500 ms waiting for GPU 3 (group position 1)")
   assert "notify step of call #7" in msg and "last saw call #6" in msg
-  assert "completion step" in ext._describe_diag(1, 1, 0, 2, 7, 6, [2, 3], 1.0)
-  assert "group position 9" in ext._describe_diag(1, 1, 9, 2, 7, 6, [2, 3], 1.0)
-  assert "inconsistent axis indices" in ext._describe_diag(2, 0, 0, 2, 7, 0, [2, 3], 1.0)
-  assert ext._describe_diag(0, 0, 0, 0, 0, 0, [0], 1.0) == ""
+  assert "completion step" in ext._describe_diag(1, 1, 0, 2, 7, 6, gpus, 1, 1.0)
+  assert "group position 9" in ext._describe_diag(1, 1, 9, 2, 7, 6, gpus, 0, 1.0)
+  procs = ["process 0 (GPU 0)", "process 1 (GPU 0)"]
+  msg = ext._describe_diag(1, 0, 0, 0, 3, 2, procs, 1, 5.0)
+  assert msg.startswith("process 1 (GPU 0) timed out after 5000 ms waiting for process 0 (GPU 0) "
+                        "(group position 0)"), msg
+  assert "inconsistent axis indices" in ext._describe_diag(2, 0, 0, 2, 7, 0, gpus, 1, 1.0)
+  assert ext._describe_diag(0, 0, 0, 0, 0, 0, ["GPU 0"], 0, 1.0) == ""
 
 
 def test_native_unavailable_without_gpu_says_why():
