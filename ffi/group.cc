@@ -123,6 +123,17 @@ std::string CheckOrdinal(int device) {
   return "";
 }
 
+std::string SynchronizeLocked() {
+  DeviceGuard guard;
+  for (auto& [device, m] : g_members) {
+    cudaSetDevice(device);
+    if (cudaError_t err = cudaDeviceSynchronize(); err != cudaSuccess) {
+      return CudaError("cudaDeviceSynchronize", err);
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
@@ -322,15 +333,15 @@ std::string FreeAll() {
   return "";
 }
 
+std::string SynchronizeAll() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return SynchronizeLocked();
+}
+
 std::string ResetAll() {
   std::lock_guard<std::mutex> lock(g_mutex);
+  if (std::string err = SynchronizeLocked(); !err.empty()) return err + " (before reset)";
   DeviceGuard guard;
-  for (auto& [device, m] : g_members) {
-    cudaSetDevice(device);
-    if (cudaError_t err = cudaDeviceSynchronize(); err != cudaSuccess) {
-      return CudaError("cudaDeviceSynchronize before reset", err);
-    }
-  }
   for (auto& [device, m] : g_members) {
     cudaSetDevice(device);
     if (cudaError_t err = cudaMemset(m->regions[m->position], 0, sizeof(SignalRegion));

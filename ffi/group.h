@@ -66,6 +66,9 @@ std::string SetTimeout(int device, double timeout_s);
 // IPC mappings, then frees this process's allocations.
 std::string FreeAll();
 
+// Waits until this process's GPUs of every group are idle.
+std::string SynchronizeAll();
+
 // Zeroes this process's signal regions and call counters (its devices must be
 // idle; in a group spanning processes, every process must reset before any issues
 // a new call: the caller synchronises them).

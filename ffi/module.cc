@@ -60,6 +60,8 @@ NB_MODULE(_jmd_ext, m) {
         nb::arg("device"), nb::arg("timeout_s"), "Change how long the rank on `device` waits for a peer.");
   m.def("free_all", []() { Check(jmd::FreeAll()); },
         "Free every group's device memory (peers' IPC mappings are closed first).");
+  m.def("synchronize", []() { Check(jmd::SynchronizeAll()); },
+        "Wait until this process's GPUs of every group are idle.");
   m.def("reset", []() { Check(jmd::ResetAll()); },
         "Zero this process's signal regions and call counters (its GPUs must be idle).");
   m.def("last_error", &jmd::LastError, nb::arg("device"),

@@ -21,6 +21,15 @@ kernel launches per op, so that no small XLA ops sit around the custom call:
 Both ops pull (loads over NVLink): on H200 pairs loads reached about 240 GB/s
 per direction where stores from the same number of SMs reached about 160.
 
+When the expert axis spans processes (one rank per process, see
+:mod:`jax_moe_dispatch.buffer`), the same kernels and protocol run; the only
+difference is where peers find a rank's inputs: XLA's buffers cannot be shared
+through CUDA IPC, so each call first copies its inputs (dispatch: payloads and
+routing slices; combine: the rows) into the rank's IPC-mapped staging buffer,
+and notify writes the send lists there too (the ``lists`` result is then left
+unwritten). One process keeps reading XLA's buffers in place, which saves
+that copy of every input.
+
 The targets are side-effecting custom calls: every rank runs them in the same
 order (one SPMD program) and they are kept out of CUDA graphs.
 """
@@ -113,7 +122,7 @@ def _varying(outs, axis_name: str):
 
 
 class NativeBackend:
-  """CUDA kernels over NVLink peer access; needs :func:`jax_moe_dispatch.get_buffer`."""
+  """CUDA kernels over peer access or CUDA IPC; needs :func:`jax_moe_dispatch.get_buffer`."""
 
   name = "native"
 
