@@ -79,7 +79,7 @@ class _Plan:
     num_rows, k = x.shape
     _, _, m = w.shape
     self.fwd_cfg = tile_config("fwd", k, m, x.dtype)
-    self.dgrad_cfg = tile_config("dgrad", m, k, x.dtype)
+    self.dgrad_cfg = tile_config("dgrad", k, m, x.dtype)
     self.wgrad_cfg = tile_config("wgrad", k, m, x.dtype)
     rows = num_rows + (-num_rows % 128)  # Row blocks of 128 suit every config above.
     self.row_multiple = 128

@@ -48,12 +48,17 @@ class TileConfig:
     block_k: depth of one pipeline step (the reduction axis; for
       :func:`tgmm`, rows of ``x``/``y`` per step).
     steps: pipeline stages in flight (TMA loads ahead of the ``wgmma``).
+    grid_block_n: :func:`gmm` visits output tiles in bands of this many
+      column tiles, every row block of a band before the next band
+      (``plgpu.planar_snake``), so that a band of ``w`` stays in L2 while the
+      rows stream past it.
   """
 
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   steps: int = 4
+  grid_block_n: int = 1
 
 
 def _check_dtypes(x, w) -> Optional[str]:
@@ -201,9 +206,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   def body(g_lo_ref, g_hi_ref, whole_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref):
     @plgpu.nd_loop((num_blocks * grid_n,), collective_axes="sm")
     def _tile(info):
-      idx = info.index[0]
-      b = idx // grid_n
-      ni = idx % grid_n
+      b, ni = plgpu.planar_snake(info.index[0], (num_blocks, grid_n), 1,
+                                 min(cfg.grid_block_n, grid_n))
       row0 = b * bm
 
       def product(g):
@@ -289,9 +293,11 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   starts, ends = _bounds(group_sizes)
   first_block = starts // bk
   num_steps = jnp.where(ends > starts, pl.cdiv(ends, bk) - first_block, 0).astype(jnp.int32)
-  swizzle = plgpu.find_swizzle(bk * jnp.dtype(x.dtype).itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(x.dtype).itemsize)),
-                plgpu.SwizzleTransform(swizzle))
+  itemsize = jnp.dtype(x.dtype).itemsize
+
+  def transforms(minor: int):  # Swizzled tiles, so that wgmma can read them transposed.
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
   def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
     @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
@@ -327,9 +333,9 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
               grid=(steps,),
               in_specs=[
                   plgpu.BlockSpec((bk, bm), lambda kk: (first + kk, mi), delay_release=1,
-                                  transforms=transforms),
+                                  transforms=transforms(bm)),
                   plgpu.BlockSpec((bk, bn), lambda kk: (first + kk, ni), delay_release=1,
-                                  transforms=transforms),
+                                  transforms=transforms(bn)),
               ],
               max_concurrent_steps=cfg.steps,
           )(x_ref, y_ref)
