@@ -27,6 +27,8 @@ from typing import Optional, Sequence, Union
 import jax
 import numpy as np
 
+from jax_moe_dispatch.backends import native, set_deepep_num_sms, set_hybridep_num_sms
+
 __all__ = [
     "Buffer",
     "free_buffer",
@@ -36,7 +38,6 @@ __all__ = [
     "has_buffer",
     "init_hybrid_ep_buffer",
     "last_error",
-    "num_sms",
     "reset_hybrid_ep_buffer",
     "set_deepep_num_sms",
     "set_hybridep_num_sms",
@@ -44,8 +45,6 @@ __all__ = [
 
 logger = logging.getLogger("jax_moe_dispatch")
 
-# SMs (thread blocks) the native kernels use, per protocol; the seed's defaults.
-_NUM_SMS = {"deepep": 20, "hybridep": 24}
 _DEFAULT_TIMEOUT_S = 10.0
 _buffer: Optional["Buffer"] = None
 
@@ -79,8 +78,6 @@ class Buffer:
 
 
 def _ext():
-  from jax_moe_dispatch.backends import native
-
   return native.extension()
 
 
@@ -141,8 +138,6 @@ def get_buffer(
   if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
     raise ValueError(f"timeout_s must be a finite positive number, got {timeout_s!r}.")
   groups = _groups(mesh, axis_name)
-  from jax_moe_dispatch.backends import native
-
   if any(d.platform != "gpu" for g in groups for d in g) or not native.native_available():
     reason = ("the devices are not GPUs" if any(d.platform != "gpu" for g in groups for d in g)
               else native.native_unavailable_reason())
@@ -232,21 +227,6 @@ def last_error(device: Optional[jax.Device] = None) -> str:
   ordinals = ([int(device.local_hardware_id)] if device is not None
               else sorted({o for g in _buffer.groups for o in g}))
   return "\n".join(msg for msg in (ext.last_error(o) for o in ordinals) if msg)
-
-
-def set_deepep_num_sms(num_sms: int) -> None:
-  """SMs (one thread block each) the native ``fused_dispatch``/``fused_combine`` kernels use."""
-  _NUM_SMS["deepep"] = _positive_int("num_sms", num_sms)
-
-
-def set_hybridep_num_sms(num_sms: int) -> None:
-  """SMs the native ``hybrid_ep_dispatch``/``hybrid_ep_combine`` kernels use."""
-  _NUM_SMS["hybridep"] = _positive_int("num_sms", num_sms)
-
-
-def num_sms(protocol: str = "deepep") -> int:
-  """The SM budget of ``protocol`` (``"deepep"`` or ``"hybridep"``), read at trace time."""
-  return _NUM_SMS[protocol]
 
 
 def get_hidden_bytes(x) -> int:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal, Optional
 
-Backend = Literal["deepep", "hybridep", "uccl_ep"]
-Implementation = Literal["auto", "native", "reference"]
+from jax_moe_dispatch import routing
+from jax_moe_dispatch.backends import IMPLEMENTATIONS, Implementation, default_num_sms
+
+DispatcherBackend = Literal["deepep", "hybridep", "uccl_ep"]
 RouterDtype = Optional[Literal["fp32", "fp64"]]
 
-_BACKENDS = ("deepep", "hybridep", "uccl_ep")
-_IMPLEMENTATIONS = ("auto", "native", "reference")
+_BACKENDS = typing.get_args(DispatcherBackend)
 _ROUTER_DTYPES = (None, "fp32", "fp64")
 
 
@@ -41,8 +43,11 @@ class TokenDispatcherConfig:
     moe_flex_dispatcher_backend: ``"deepep"`` (top-k indices) or
       ``"hybridep"`` (multi-hot routing map); ``"uccl_ep"`` is not available in
       this build and raises when used.
-    moe_deepep_num_sms: SMs the native DeepEP kernels use.
-    moe_hybridep_num_sms: SMs the native HybridEP kernels use.
+    moe_deepep_num_sms: SMs the native DeepEP kernels use; default 20, or
+      what :func:`jax_moe_dispatch.set_deepep_num_sms` set before the config
+      was built. The dispatcher passes it to every op it calls.
+    moe_hybridep_num_sms: the same for the HybridEP kernels (default 24,
+      :func:`jax_moe_dispatch.set_hybridep_num_sms`).
     moe_share_token_dispatcher: accepted for parity with the seed.
     moe_deepep_async_dispatch: accepted for parity with the seed; XLA
       schedules communication, there is no separate communication stream.
@@ -63,9 +68,9 @@ class TokenDispatcherConfig:
   moe_router_expert_pad_multiple: Optional[int] = None
   num_moe_experts: int = 64
   moe_router_dtype: RouterDtype = "fp32"
-  moe_flex_dispatcher_backend: Backend = "deepep"
-  moe_deepep_num_sms: int = 20
-  moe_hybridep_num_sms: int = 24
+  moe_flex_dispatcher_backend: DispatcherBackend = "deepep"
+  moe_deepep_num_sms: int = dataclasses.field(default_factory=lambda: default_num_sms("deepep"))
+  moe_hybridep_num_sms: int = dataclasses.field(default_factory=lambda: default_num_sms("hybridep"))
   moe_share_token_dispatcher: bool = True
   moe_deepep_async_dispatch: bool = False
   # JAX-only fields.
@@ -75,7 +80,7 @@ class TokenDispatcherConfig:
 
   def __post_init__(self) -> None:
     _check_choice("moe_flex_dispatcher_backend", self.moe_flex_dispatcher_backend, _BACKENDS)
-    _check_choice("implementation", self.implementation, _IMPLEMENTATIONS)
+    _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
     _check_choice("moe_router_dtype", self.moe_router_dtype, _ROUTER_DTYPES)
     _check_positive_int("num_moe_experts", self.num_moe_experts)
     _check_positive_int("moe_router_topk", self.moe_router_topk)
@@ -125,7 +130,7 @@ class TokenDispatcherConfig:
     per_source = num_tokens
     if capacity is not None:
       per_source = min(num_tokens, (self.num_moe_experts // ep_size) * capacity)
-    return ep_size * per_source
+    return routing.max_recv_rows(None, per_source, ep_size)
 
   def resolve_max_recv_tokens(self, num_tokens: int, ep_size: int) -> int:
     """The receive-buffer rows to use; raises if the setting would drop silently."""

@@ -1,17 +1,22 @@
 """Local permutation of received rows into expert-major groups (no communication).
 
-The layout (DESIGN §3): rows are grouped by local expert ``0..L-1``; group
-``e`` holds every received row routed to ``e``, in receive order (so by source
-rank, then source token), and is padded with zero rows to a multiple of
-``pad_multiple``. The permuted buffer has a static ``num_rows``; rows that
-would land at or past it are dropped (the last experts' last rows first).
-``tokens_per_expert[e]`` is the padded size of group ``e`` as written (clipped
-at ``num_rows``), ready for :func:`jax.lax.ragged_dot`.
+The layout: rows are grouped by local expert ``0..L-1``; group ``e`` holds
+every received row routed to ``e``, in receive order (so by source rank, then
+source token), and is padded with zero rows to a multiple of ``pad_multiple``.
+The permuted buffer has a static ``num_rows``; rows that would land at or past
+it are dropped (the last experts' last rows first). ``tokens_per_expert[e]`` is
+the padded size of group ``e`` as written (clipped at ``num_rows``), ready for
+:func:`jax.lax.ragged_dot`.
+
+Every function here is differentiable. :func:`permute` and :func:`unpermute`
+are each other's transposes; both sums (unpermute's, and so permute's
+backward pass) run in float32, so a row routed to several experts rounds once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +74,27 @@ def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1)
   return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32))
 
 
+@jax.custom_vjp
 def permute(rows: jax.Array, perm: Permutation) -> jax.Array:
-  """``[M, ...]`` received rows -> ``[N, ...]`` expert-major rows (padding zero)."""
+  """``[M, ...]`` received rows -> ``[N, ...]`` expert-major rows (padding zero).
+
+  Its backward pass is :func:`unpermute` (a float32 sum over each row's experts).
+  """
   src = perm.src_row
   out = rows[jnp.clip(src, 0)]
   keep = (src >= 0).reshape((-1,) + (1,) * (rows.ndim - 1))
   return jnp.where(keep, out, jnp.zeros((), rows.dtype))
+
+
+def _permute_fwd(rows, perm):
+  return permute(rows, perm), perm
+
+
+def _permute_bwd(perm, g):
+  return unpermute(g, perm, perm.perm_row.shape[0]), None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
@@ -99,3 +119,22 @@ def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
   """``[N]`` values -> ``[M, L]`` at each (row, expert), 0 where unrouted."""
   got = values[jnp.clip(perm.perm_row, 0)]
   return jnp.where(perm.perm_row >= 0, got, jnp.zeros((), values.dtype))
+
+
+def group_by_expert(rows: Any, local_map: jax.Array, local_probs: jax.Array, num_rows: int,
+                    pad_multiple: int = 1) -> tuple[Any, jax.Array, Permutation]:
+  """Permute received rows and their per-expert probabilities into expert-major groups.
+
+  Args:
+    rows: ``[M, ...]`` received rows, or a pytree of them (e.g. FP8 rows and
+      their scales); each is permuted the same way.
+    local_map: ``[M, L]`` bool, row ``i`` routed to local expert ``e``.
+    local_probs: ``[M, L]`` weight of (row, expert); read only where routed.
+    num_rows: ``N``, static rows of the permuted buffer.
+    pad_multiple: group sizes are rounded up to a multiple of this.
+
+  Returns:
+    ``(permuted rows [N, ...], permuted probs [N], permutation)``.
+  """
+  perm = make_permutation(local_map, num_rows, pad_multiple)
+  return jax.tree.map(lambda a: permute(a, perm), rows), permute_values(local_probs, perm), perm

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 from jax_moe_dispatch import TokenDispatcherConfig
-from jax_moe_dispatch.dispatcher import DispatchState, MoEFlexTokenDispatcher, apply_capacity
+from jax_moe_dispatch.token_dispatcher import DispatchState, MoEFlexTokenDispatcher, apply_capacity
 from jax_moe_dispatch.layers import MoELayer, partition_specs
 
 EP = 4
