@@ -25,6 +25,7 @@ from jax_moe_dispatch.fused_a2a import (
     set_deepep_num_sms,
     set_hybridep_num_sms,
 )
+from jax_moe_dispatch.gemm import grouped_matmul
 from jax_moe_dispatch.token_dispatcher import MoEFlexTokenDispatcher, TokenDispatcherConfig
 
 __version__ = "0.1.0"

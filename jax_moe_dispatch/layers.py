@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jax_moe_dispatch.config import TokenDispatcherConfig
-from jax_moe_dispatch.dispatcher import MoEFlexTokenDispatcher
+from jax_moe_dispatch.gemm import GemmImplementation, grouped_matmul
+from jax_moe_dispatch.token_dispatcher import MoEFlexTokenDispatcher
 
 __all__ = ["ExpertParam", "GroupedExperts", "MoELayer", "TopKRouter", "partition_specs",
            "reduce_gradients"]
@@ -115,39 +116,51 @@ class TopKRouter(nnx.Module):
 
 
 class GroupedExperts(nnx.Module):
-  """``E`` MLP experts run as grouped GEMMs (:func:`jax.lax.ragged_dot`) over expert-major rows.
+  """``E`` MLP experts over expert-major rows, as grouped GEMMs (:func:`~jax_moe_dispatch.grouped_matmul`).
 
-  Weights are :class:`ExpertParam`: ``w_up``/``w_gate`` ``[E, H, F]`` and
-  ``w_down`` ``[E, F, H]``, sharded over the expert axis, so inside
-  ``shard_map`` a rank holds ``[L, H, F]`` and ``[L, F, H]``.
+  Weights are :class:`ExpertParam` with the experts on the leading axis,
+  sharded over the expert axis (inside ``shard_map`` a rank holds its ``L``):
+  SwiGLU keeps gate and up projections as one ``w_gate_up [E, H, 2F]`` (gate
+  columns first) so that both are one GEMM of width ``2F``; GELU has
+  ``w_up [E, H, F]``; both have ``w_down [E, F, H]``.
 
   Args:
     activation: ``"swiglu"`` (``silu(x W_gate) * x W_up``) or ``"gelu"``.
-    dtype: compute dtype (default: the input's).
+    dtype: compute dtype of the GEMMs (default: the input's); bf16 and fp16 run
+      the Hopper kernels, products accumulate in float32 and the activation is
+      computed in float32.
+    gemm_implementation: ``implementation`` of :func:`~jax_moe_dispatch.grouped_matmul`
+      (``"auto"``: the Hopper kernels where they apply, else
+      :func:`jax.lax.ragged_dot`, logged once).
   """
 
   def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, rngs: nnx.Rngs,
-               activation: str = "swiglu", dtype=None, param_dtype=jnp.float32):
+               activation: str = "swiglu", dtype=None, param_dtype=jnp.float32,
+               gemm_implementation: GemmImplementation = "auto"):
     if activation not in ("swiglu", "gelu"):
       raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}.")
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1,
                                              batch_axis=(0,))
-    self.w_up = ExpertParam(init(rngs.params(), (num_experts, hidden_size, ffn_size), param_dtype))
     if activation == "swiglu":
-      self.w_gate = ExpertParam(
-          init(rngs.params(), (num_experts, hidden_size, ffn_size), param_dtype))
+      self.w_gate_up = ExpertParam(
+          init(rngs.params(), (num_experts, hidden_size, 2 * ffn_size), param_dtype))
+    else:
+      self.w_up = ExpertParam(init(rngs.params(), (num_experts, hidden_size, ffn_size), param_dtype))
     self.w_down = ExpertParam(init(rngs.params(), (num_experts, ffn_size, hidden_size), param_dtype))
     self.activation = activation
+    self.ffn_size = ffn_size
     self.dtype = dtype
+    self.gemm_implementation = gemm_implementation
 
   def __call__(self, x: jax.Array, tokens_per_expert: jax.Array,
                probs: Optional[jax.Array] = None) -> jax.Array:
     """``x [N, H]`` expert-major rows, ``tokens_per_expert [L]`` -> ``[N, H]``.
 
-    With ``probs [N]`` each output row is multiplied by its probability (in
-    float32). Rows past ``sum(tokens_per_expert)`` come out zero.
+    With ``probs [N]`` each row's output is multiplied by its probability
+    (applied to the activation, in float32, before the down projection).
+    Rows past ``sum(tokens_per_expert)`` come out zero.
     """
-    num_local = self.w_up.get_value().shape[0]
+    num_local = self.w_down.get_value().shape[0]
     if tokens_per_expert.shape != (num_local,):
       raise ValueError(
           f"tokens_per_expert has shape {tokens_per_expert.shape} but this module holds "
@@ -156,20 +169,20 @@ class GroupedExperts(nnx.Module):
           "holds only its local experts."
       )
     dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
     gs = tokens_per_expert.astype(jnp.int32)
-    dot = lambda a, w: jax.lax.ragged_dot(a, w.get_value().astype(dtype), gs,
-                                          preferred_element_type=jnp.float32)
-    up = dot(x, self.w_up)
+
+    def matmul(a, w):
+      return grouped_matmul(a.astype(dtype), w.get_value().astype(dtype), gs,
+                            implementation=self.gemm_implementation)
+
     if self.activation == "swiglu":
-      h = jax.nn.silu(dot(x, self.w_gate)) * up
+      gate_up = matmul(x, self.w_gate_up).astype(jnp.float32)
+      h = jax.nn.silu(gate_up[:, :self.ffn_size]) * gate_up[:, self.ffn_size:]
     else:
-      h = jax.nn.gelu(up)
-    y = dot(h.astype(dtype), self.w_down)
-    valid = jnp.arange(x.shape[0]) < jnp.sum(gs)
+      h = jax.nn.gelu(matmul(x, self.w_up).astype(jnp.float32))
     if probs is not None:
-      y = y * probs.astype(jnp.float32)[:, None]
-    return jnp.where(valid[:, None], y, 0.0).astype(dtype)
+      h = h * probs.astype(jnp.float32)[:, None]
+    return matmul(h, self.w_down)
 
 
 class MoELayer(nnx.Module):
@@ -183,18 +196,21 @@ class MoELayer(nnx.Module):
     hidden_size, ffn_size: ``H`` and the experts' ``F``.
     activation: ``"swiglu"`` or ``"gelu"``.
     aux_loss_coeff: load-balancing loss weight (0: off).
+    gemm_implementation: the experts' grouped GEMMs (:class:`GroupedExperts`).
   """
 
   def __init__(self, config: TokenDispatcherConfig, hidden_size: int, ffn_size: int, *,
                rngs: nnx.Rngs, activation: str = "swiglu", aux_loss_coeff: float = 0.0,
-               normalize_topk: bool = False, dtype=None, param_dtype=jnp.float32):
+               normalize_topk: bool = False, dtype=None, param_dtype=jnp.float32,
+               gemm_implementation: GemmImplementation = "auto"):
     self.router = TopKRouter(hidden_size, config.num_moe_experts, config.moe_router_topk,
                              rngs=rngs, router_dtype=config.moe_router_dtype,
                              aux_loss_coeff=aux_loss_coeff, normalize=normalize_topk,
                              param_dtype=param_dtype)
     self.dispatcher = MoEFlexTokenDispatcher(config)
     self.experts = GroupedExperts(config.num_moe_experts, hidden_size, ffn_size, rngs=rngs,
-                                  activation=activation, dtype=dtype, param_dtype=param_dtype)
+                                  activation=activation, dtype=dtype, param_dtype=param_dtype,
+                                  gemm_implementation=gemm_implementation)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x [T, H]`` or ``[B, S, H]`` -> ``(y of x's shape, aux_loss)``."""

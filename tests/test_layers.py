@@ -49,7 +49,9 @@ def test_grouped_experts_groups_and_padding_rows(activation):
   assert not y[9:].any()
   group = np.repeat(np.arange(3), np.asarray(tpe))
   w = {k: np.asarray(getattr(experts, k).get_value(), np.float64)
-       for k in ("w_up", "w_gate", "w_down") if hasattr(experts, k)}
+       for k in ("w_up", "w_gate_up", "w_down") if hasattr(experts, k)}
+  if activation == "swiglu":  # Gate columns first, then up.
+    w["w_gate"], w["w_up"] = np.split(w.pop("w_gate_up"), 2, axis=-1)
   for r in range(9):
     e, xr = group[r], np.asarray(x[r], np.float64)
     up = xr @ w["w_up"][e]
@@ -73,8 +75,8 @@ def test_partition_specs():
   _, state = nnx.split(MoELayer(cfg, 8, 8, rngs=nnx.Rngs(0)))
   specs = partition_specs(state)
   assert specs["router"]["weight"] == P()
-  assert all(specs["experts"][k] == P("ep") for k in ("w_up", "w_gate", "w_down"))
-  assert isinstance(state["experts"]["w_up"], ExpertParam)
+  assert all(specs["experts"][k] == P("ep") for k in ("w_gate_up", "w_down"))
+  assert isinstance(state["experts"]["w_gate_up"], ExpertParam)
 
 
 def _dense_layer(state, x, topk):
@@ -82,8 +84,7 @@ def _dense_layer(state, x, topk):
   probs_all = jax.nn.softmax(x @ state["router"]["weight"].get_value(), axis=-1)
   probs, idx = jax.lax.top_k(probs_all, topk)
   e = state["experts"]
-  up = jnp.einsum("nh,nkhf->nkf", x, e["w_up"].get_value()[idx])
-  gate = jnp.einsum("nh,nkhf->nkf", x, e["w_gate"].get_value()[idx])
+  gate, up = jnp.split(jnp.einsum("nh,nkhf->nkf", x, e["w_gate_up"].get_value()[idx]), 2, axis=-1)
   out = jnp.einsum("nkf,nkfh->nkh", jax.nn.silu(gate) * up, e["w_down"].get_value()[idx])
   return jnp.sum(out * probs[..., None], axis=1)
 

@@ -206,8 +206,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   def body(g_lo_ref, g_hi_ref, whole_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref):
     @plgpu.nd_loop((num_blocks * grid_n,), collective_axes="sm")
     def _tile(info):
-      b, ni = plgpu.planar_snake(info.index[0], (num_blocks, grid_n), 1,
-                                 min(cfg.grid_block_n, grid_n))
+      if cfg.grid_block_n >= grid_n:  # One band: plain row-major order.
+        b, ni = info.index[0] // grid_n, info.index[0] % grid_n
+      else:
+        b, ni = plgpu.planar_snake(info.index[0], (num_blocks, grid_n), 1, cfg.grid_block_n)
       row0 = b * bm
 
       def product(g):

@@ -1,0 +1,214 @@
+"""grouped_matmul: forward, dgrad and wgrad against a float64 numpy oracle.
+
+On CPU the Hopper kernels run under Pallas's GPU interpreter
+(``implementation="interpret"``): the same tiling, group plan, masks and
+stores as on the GPU, with each ``wgmma`` simulated. The ``gpu`` tests run the
+compiled kernels on a Hopper GPU.
+"""
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import gpu_count
+from jax.test_util import check_grads
+
+from jax_moe_dispatch import grouped_matmul
+from jax_moe_dispatch.gemm import api as gemm_api
+
+# name -> (rows N, group sizes); rows past the sum are padding (filled with NaN/Inf garbage).
+LAYOUTS = {
+    "balanced": (256, [64, 64, 64, 64]),
+    "zeros_and_skew": (256, [0, 150, 0, 57]),
+    "one_group_holds_most": (256, [1, 0, 240, 3]),
+    "padding_rows": (512, [40, 0, 70, 17]),
+    "rows_not_multiple_of_128": (200, [33, 100, 0, 50]),
+    "empty": (128, [0, 0, 0, 0]),
+}
+
+
+def _oracle(x, w, dy, sizes):
+  """float64 ``y = x_g @ w_g``, ``dx = dy_g @ w_g.T``, ``dw_g = x_g.T @ dy_g``; zero past the groups."""
+  x, w, dy = (np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64) for a in (x, w, dy))
+  y = np.zeros((x.shape[0], w.shape[2]))
+  dx = np.zeros_like(x)
+  dw = np.zeros_like(w)
+  row = 0
+  for g, size in enumerate(sizes):
+    rows = slice(row, row + size)
+    y[rows] = x[rows] @ w[g]
+    dx[rows] = dy[rows] @ w[g].T
+    dw[g] = x[rows].T @ dy[rows]
+    row += size
+  return y, dx, dw
+
+
+def _data(num_rows, sizes, k, m, dtype, seed, garbage=np.nan):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_rows, k)).astype(np.float32)
+  x[sum(sizes):] = garbage  # Never read: must not leak into any output.
+  w = (rng.normal(size=(len(sizes), k, m)) / math.sqrt(k)).astype(np.float32)
+  dy = rng.normal(size=(num_rows, m)).astype(np.float32)
+  dy[sum(sizes):] = garbage
+  return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(dy, dtype)
+
+
+def _run(x, w, dy, sizes, implementation, out_dtype=jnp.float32):
+  gs = jnp.asarray(sizes, jnp.int32)
+
+  def f(x, w, dy):
+    y, pullback = jax.vjp(
+        lambda x, w: grouped_matmul(x, w, gs, preferred_element_type=out_dtype,
+                                    implementation=implementation), x, w)
+    return (y, *pullback(dy.astype(out_dtype)))
+
+  return jax.jit(f)(x, w, dy)
+
+
+def _assert_matches(got, want, what, rtol):
+  got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
+  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+  assert np.isfinite(got).all(), f"{what}: non-finite values (garbage rows leaked?)"
+  scale = max(np.abs(want).max(), 1e-30)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_interpreted_kernels_match_oracle(layout):
+  num_rows, sizes = LAYOUTS[layout]
+  x, w, dy = _data(num_rows, sizes, 128, 128, jnp.bfloat16, seed=hash(layout) % 1000)
+  y, dx, dw = _run(x, w, dy, sizes, "interpret")
+  # y is float32; dx and dw come back in the operands' dtype (bf16 rounding).
+  for got, want, what, rtol in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes),
+                                   "y dx dw".split(), (1e-5, 8e-3, 8e-3)):
+    _assert_matches(got, want, f"{layout}: {what}", rtol=rtol)
+  total = sum(sizes)
+  assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
+
+
+@pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows"])
+def test_xla_fallback_matches_oracle_and_check_grads(layout):
+  num_rows, sizes = LAYOUTS[layout]
+  # ragged_dot multiplies padding rows by zero: finite garbage only.
+  x, w, dy = _data(num_rows, sizes, 16, 24, jnp.float32, seed=7, garbage=3.0)
+  y, dx, dw = _run(x, w, dy, sizes, "xla")
+  for got, want, what in zip((y, dx, dw), _oracle(x, w, dy, sizes), "y dx dw".split()):
+    _assert_matches(got, want, f"{layout}: {what}", rtol=1e-5)
+  gs = jnp.asarray(sizes, jnp.int32)
+  check_grads(lambda x, w: grouped_matmul(x, w, gs, implementation="xla"), (x[:64], w), order=1,
+              modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_auto_falls_back_with_a_logged_reason(caplog):
+  if gpu_count():
+    pytest.skip("checks the CPU fallback")
+  gemm_api._log_once.cache_clear()
+  x, w, _ = _data(64, [30, 34], 16, 8, jnp.float32, seed=1)
+  gs = jnp.array([30, 34], jnp.int32)
+  with caplog.at_level(logging.INFO, logger="jax_moe_dispatch"):
+    got = grouped_matmul(x, w, gs)
+  assert any("ragged_dot" in r.getMessage() and "not a GPU" in r.getMessage() for r in caplog.records)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.ragged_dot(x, w, gs)))
+
+
+def test_mosaic_refuses_with_the_fix():
+  x, w, _ = _data(64, [30, 34], 16, 8, jnp.float32, seed=1)
+  with pytest.raises(ValueError, match="implementation='auto'"):
+    grouped_matmul(x, w, jnp.array([30, 34], jnp.int32), implementation="mosaic")
+
+
+def test_argument_errors():
+  x = jnp.ones((8, 4), jnp.bfloat16)
+  w = jnp.ones((2, 4, 3), jnp.bfloat16)
+  with pytest.raises(ValueError, match="group_sizes"):
+    grouped_matmul(x, w, jnp.array([8], jnp.int32))
+  with pytest.raises(ValueError, match=r"x \[N, K\]"):
+    grouped_matmul(x, jnp.ones((2, 5, 3), jnp.bfloat16), jnp.array([4, 4], jnp.int32))
+  with pytest.raises(TypeError, match="dtype"):
+    grouped_matmul(x, w.astype(jnp.float32), jnp.array([4, 4], jnp.int32))
+  with pytest.raises(ValueError, match="implementation"):
+    grouped_matmul(x, w, jnp.array([4, 4], jnp.int32), implementation="cutlass")
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+def _hopper_or_skip():
+  why = gemm_api._hopper()
+  if why:
+    pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("layout", ["balanced", "skewed", "zeros", "one_group", "padding_4x", "odd_rows"])
+def test_gpu_kernels_match_oracle(layout, dtype):
+  _hopper_or_skip()
+  rng = np.random.default_rng(11)
+  num_rows, groups = 4096, 8
+  if layout == "balanced":
+    sizes = [512] * groups
+  elif layout == "skewed":
+    p = 1.0 / np.arange(1, groups + 1) ** 0.8
+    sizes = list(np.floor(p / p.sum() * num_rows).astype(int))
+    sizes[0] += num_rows - sum(sizes)
+  elif layout == "zeros":
+    sizes = [0, 1000, 0, 1, 2047, 127, 0, 900]
+  elif layout == "one_group":
+    sizes = [0, 0, 0, 4000, 0, 0, 0, 1]
+  elif layout == "padding_4x":
+    sizes = list(rng.multinomial(num_rows // 4, [1 / groups] * groups))
+  else:
+    num_rows, sizes = 4000, list(rng.multinomial(3990, [1 / groups] * groups))
+  x, w, dy = _data(num_rows, sizes, 512, 384, dtype, seed=3)
+  y, dx, dw = _run(x, w, dy, sizes, "mosaic")
+  tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
+  for got, want, what in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes), "y dx dw".split()):
+    _assert_matches(got, want, f"{layout}/{jnp.dtype(dtype).name}: {what}", rtol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_scratch_is_linear_in_rows():
+  _hopper_or_skip()
+  n, k, m, g = 16384, 2048, 1024, 16
+  x = jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((g, k, m), jnp.bfloat16)
+  dy = jax.ShapeDtypeStruct((n, m), jnp.bfloat16)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+
+  def fwd_bwd(x, w, gs, dy):
+    y, pullback = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, implementation="mosaic"), x, w)
+    return y, *pullback(dy)
+
+  scratch = jax.jit(fwd_bwd).lower(x, w, gs, dy).compile().memory_analysis().temp_size_in_bytes
+  assert scratch <= 2 * n * (k + m) * 2, f"scratch {scratch} bytes is not O(N (K + M))"
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_experts_layer_matches_float64():
+  _hopper_or_skip()
+  from flax import nnx
+
+  from jax_moe_dispatch.layers import GroupedExperts
+
+  experts = GroupedExperts(4, 256, 128, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                           gemm_implementation="mosaic")
+  sizes = [300, 0, 555, 169]
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(1280, 256)), jnp.bfloat16)
+  probs = jnp.asarray(rng.uniform(0.2, 1.0, size=(1280,)), jnp.float32)
+  y = np.asarray(experts(x, jnp.asarray(sizes, jnp.int32), probs).astype(jnp.float32), np.float64)
+  wgu = np.asarray(experts.w_gate_up.get_value(), np.float64)
+  wd = np.asarray(experts.w_down.get_value(), np.float64)
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)
+  want = np.zeros_like(y)
+  row = 0
+  for e, size in enumerate(sizes):
+    r = slice(row, row + size)
+    gate, up = np.split(x64[r] @ wgu[e], 2, axis=-1)
+    want[r] = (gate / (1 + np.exp(-gate)) * up * np.asarray(probs)[r, None]) @ wd[e]
+    row += size
+  _assert_matches(y, want, "GroupedExperts (bf16, mosaic)", rtol=3e-2)
