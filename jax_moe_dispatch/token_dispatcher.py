@@ -123,10 +123,8 @@ def apply_capacity(token_indices: jax.Array, token_probs: jax.Array, num_experts
   """
   valid = token_indices >= 0
   if capacity is not None:
-    num_tokens = token_indices.shape[0]
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)[:, None]
-    cols = jnp.where(valid, token_indices, num_experts)
-    routed = jnp.zeros((num_tokens, num_experts), jnp.int32).at[rows, cols].set(1, mode="drop")
+    routed, _ = routing.topk_to_multihot(token_indices, token_probs, num_experts)
+    routed = routed.astype(jnp.int32)
     before = jnp.cumsum(routed, axis=0) - routed  # [T, E]: earlier tokens on each expert.
     rank = jnp.take_along_axis(before, jnp.clip(token_indices, 0, num_experts - 1), axis=1)
     valid = valid & (rank < capacity)

@@ -2,11 +2,12 @@
 
 A backend moves rows between the ranks of one expert-parallel axis. It knows
 nothing about experts: the public ops in :mod:`jax_moe_dispatch.fused_a2a`
-turn routing decisions into a *destination mask* and per-destination payload
-slices, call a backend, and turn the result back into expert terms. So the
-three primitives below are the whole surface a backend (reference or native)
-must provide, and they are called per rank, inside ``shard_map``/``pmap``,
-with ``axis_name`` bound.
+turn routing decisions into a *destination mask*, payloads and
+per-destination slices, call a backend through :mod:`jax_moe_dispatch.transport`
+(which makes the primitives differentiable), and turn the result back into
+expert terms. So the three primitives below are the whole surface a backend
+(reference or native) must provide, and they are called per rank, inside
+``shard_map``/``pmap``, with ``axis_name`` bound.
 
 Notation, per rank: ``T`` tokens, ``R`` ranks on the axis, ``me`` this rank's
 index on the axis, ``M`` (``max_recv``) the static row count of a receive
@@ -140,6 +141,11 @@ class Backend(Protocol):
     Args:
       rows: ``[M, ...]`` floating, in the receive layout of ``handle``; padding
         and dropped rows are ignored.
+      handle: read are ``send_pos`` and ``dest_offset`` (and ``recv_count``,
+        ``max_recv``). ``send_pos`` may have more rows than the dispatch had
+        tokens: the backward pass of slices passes ``[T * R, R]``, each row
+        sent to one destination, to get every (token, destination) row back
+        unsummed.
 
     Returns:
       ``[T, ...]`` with the dtype of ``rows``: for each source token, the sum
