@@ -82,17 +82,18 @@ class TokenDispatcherConfig:
     _check_choice("moe_flex_dispatcher_backend", self.moe_flex_dispatcher_backend, _BACKENDS)
     _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
     _check_choice("moe_router_dtype", self.moe_router_dtype, _ROUTER_DTYPES)
-    _check_positive_int("num_moe_experts", self.num_moe_experts)
-    _check_positive_int("moe_router_topk", self.moe_router_topk)
-    _check_positive_int("moe_deepep_num_sms", self.moe_deepep_num_sms)
-    _check_positive_int("moe_hybridep_num_sms", self.moe_hybridep_num_sms)
+    routing.check_positive_int("num_moe_experts", self.num_moe_experts)
+    routing.check_positive_int("moe_router_topk", self.moe_router_topk)
+    routing.check_positive_int("moe_deepep_num_sms", self.moe_deepep_num_sms)
+    routing.check_positive_int("moe_hybridep_num_sms", self.moe_hybridep_num_sms)
     if self.moe_router_topk > self.num_moe_experts:
       raise ValueError(
           f"moe_router_topk={self.moe_router_topk} exceeds num_moe_experts="
           f"{self.num_moe_experts}; choose topk <= num_moe_experts."
       )
     if self.moe_router_expert_pad_multiple is not None:
-      _check_positive_int("moe_router_expert_pad_multiple", self.moe_router_expert_pad_multiple)
+      routing.check_positive_int("moe_router_expert_pad_multiple",
+                                 self.moe_router_expert_pad_multiple)
     if self.moe_expert_capacity_factor is not None and not (
         isinstance(self.moe_expert_capacity_factor, (int, float))
         and math.isfinite(self.moe_expert_capacity_factor)
@@ -103,7 +104,7 @@ class TokenDispatcherConfig:
           f"{self.moe_expert_capacity_factor!r}."
       )
     if self.max_recv_tokens is not None:
-      _check_positive_int("max_recv_tokens", self.max_recv_tokens)
+      routing.check_positive_int("max_recv_tokens", self.max_recv_tokens)
     if not isinstance(self.ep_axis_name, str) or not self.ep_axis_name:
       raise ValueError(f"ep_axis_name must be a non-empty str, got {self.ep_axis_name!r}.")
     for name in ("moe_enable_deepep", "moe_permute_fusion", "moe_share_token_dispatcher",
@@ -151,8 +152,3 @@ class TokenDispatcherConfig:
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
   if value not in allowed:
     raise ValueError(f"{name}={value!r} is not one of {allowed}.")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -238,8 +238,7 @@ def hybrid_ep_dispatch(
   ep = routing.axis_size(axis_name)
   transport = _transport(axis_name, implementation, num_sms, "hybridep")
   num_tokens = rows.shape[0]
-  if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int) or num_local_experts <= 0:
-    raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}.")
+  routing.check_positive_int("num_local_experts", num_local_experts)
   num_experts = ep * num_local_experts
   if routing_map.shape != (num_tokens, num_experts):
     raise ValueError(
@@ -250,9 +249,7 @@ def hybrid_ep_dispatch(
     raise TypeError(f"routing_map must be bool, got {routing_map.dtype}.")
   if probs.shape != routing_map.shape or not jnp.issubdtype(probs.dtype, jnp.floating):
     raise ValueError(f"probs must be floating {routing_map.shape}, got {probs.dtype}{probs.shape}.")
-  pad = 1 if pad_multiple is None else pad_multiple
-  if isinstance(pad, bool) or not isinstance(pad, int) or pad <= 0:
-    raise ValueError(f"pad_multiple must be a positive int, got {pad_multiple!r}.")
+  pad = 1 if pad_multiple is None else routing.check_positive_int("pad_multiple", pad_multiple)
   max_recv = routing.max_recv_rows(max_recv_tokens, num_tokens, ep)
   if num_permuted_tokens is None:
     if topk is None:

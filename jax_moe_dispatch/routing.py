@@ -23,6 +23,7 @@ __all__ = [
     "axis_size",
     "check_combine_rows",
     "check_index_range",
+    "check_positive_int",
     "check_rows",
     "check_topk_routing",
     "max_recv_rows",
@@ -44,10 +45,16 @@ def axis_size(axis_name: str) -> int:
     ) from e
 
 
+def check_positive_int(name: str, value: object) -> int:
+  """``value`` if it is a positive int (not a bool), else ``ValueError`` naming ``name``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  return value
+
+
 def num_local_experts(num_experts: int, ep_size: int) -> int:
   """Experts per rank, ``num_experts / ep_size``; ``ValueError`` unless it divides."""
-  if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-    raise ValueError(f"num_experts must be a positive int, got {num_experts!r}.")
+  check_positive_int("num_experts", num_experts)
   if num_experts % ep_size:
     raise ValueError(
         f"num_experts={num_experts} is not divisible by the expert-parallel size {ep_size}. "
@@ -65,9 +72,7 @@ def max_recv_rows(max_recv_tokens: Optional[int], rows_per_source: int, ep_size:
   """
   if max_recv_tokens is None:
     return ep_size * rows_per_source
-  if isinstance(max_recv_tokens, bool) or not isinstance(max_recv_tokens, int) or max_recv_tokens <= 0:
-    raise ValueError(f"max_recv_tokens must be a positive int or None, got {max_recv_tokens!r}.")
-  return max_recv_tokens
+  return check_positive_int("max_recv_tokens", max_recv_tokens)
 
 
 def check_rows(x: Rows, what: str) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -145,7 +150,8 @@ def check_index_range(token_indices: jax.Array, num_experts: int) -> None:
     )
 
 
-def topk_to_multihot(indices: jax.Array, values: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+def topk_to_multihot(indices: jax.Array, values: jax.Array,
+                     width: int) -> tuple[jax.Array, jax.Array]:
   """``[R, K]`` ids in ``[0, width)`` (-1: none) and their values -> ``[R, width]`` map and values.
 
   Returns ``(routing_map bool [R, width], dense [R, width])``: ``dense`` holds

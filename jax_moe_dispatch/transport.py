@@ -88,7 +88,8 @@ def dispatch(
   return _dispatch(dest_mask, tuple(payloads), tuple(sliced), transport, max_recv)
 
 
-def combine(rows: jax.Array, handle: DispatchHandle, transport: Transport, out_dtype=None) -> jax.Array:
+def combine(rows: jax.Array, handle: DispatchHandle, transport: Transport,
+            out_dtype=None) -> jax.Array:
   """:meth:`Backend.combine <jax_moe_dispatch.backends.base.Backend.combine>`, differentiable.
 
   Sums in float32 and rounds once to ``out_dtype`` (default: that of
@@ -154,8 +155,9 @@ def _summing_combine(backend: Backend, rows, handle, axis_name) -> jax.Array:
   return backend.combine(rows.astype(jnp.float32), handle, axis_name=axis_name).astype(rows.dtype)
 
 
-def _per_destination_combine(backend: Backend, rows, handle: DispatchHandle, axis_name) -> jax.Array:
-  """``[M, ...]`` received rows -> ``[T, R, ...]``: each row back at (its token, this rank), unsummed.
+def _per_destination_combine(backend: Backend, rows, handle: DispatchHandle,
+                             axis_name) -> jax.Array:
+  """``[M, ...]`` received rows -> ``[T, R, ...]``: each back at (its token, this rank), unsummed.
 
   A combine along the same layout in which each (token ``t``, destination
   ``d``) is a token ``t * R + d`` of its own that went only to ``d``, so the
@@ -163,7 +165,7 @@ def _per_destination_combine(backend: Backend, rows, handle: DispatchHandle, axi
   """
   num_tokens, num_ranks = handle.send_pos.shape
   only_d = jnp.eye(num_ranks, dtype=jnp.bool_)[None]  # [1, R(d), R(dest)]
-  send_pos = jnp.where(only_d, handle.send_pos[:, None, :], -1).reshape(num_tokens * num_ranks, num_ranks)
-  split = dataclasses.replace(handle, send_pos=send_pos.astype(jnp.int32))
+  send_pos = jnp.where(only_d, handle.send_pos[:, None, :], -1).astype(jnp.int32)
+  split = dataclasses.replace(handle, send_pos=send_pos.reshape(num_tokens * num_ranks, num_ranks))
   out = _summing_combine(backend, rows, split, axis_name)
   return out.reshape((num_tokens, num_ranks) + rows.shape[1:])

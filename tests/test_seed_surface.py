@@ -75,7 +75,8 @@ def test_have_flags_say_what_runs():
     ("uccl_fused_combine", (None, None, None)),
 ])
 def test_uccl_names_raise_naming_the_fix(name, args):
-  with pytest.raises(NotImplementedError, match=rf"{name}: UCCL-EP is not available in this build.*Fix"):
+  msg = rf"{name}: UCCL-EP is not available in this build.*Fix"
+  with pytest.raises(NotImplementedError, match=msg):
     getattr(fused_a2a, name)(*args)
   if name.startswith("uccl_fused_"):
     cls = "UCCLFusedDispatch" if name.endswith("dispatch") else "UCCLFusedCombine"

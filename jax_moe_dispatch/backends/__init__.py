@@ -130,7 +130,8 @@ def _choose(implementation: str) -> str:
   return "native"
 
 
-def get_backend(implementation: Optional[str] = "auto", *, num_sms: Optional[int] = None) -> Backend:
+def get_backend(implementation: Optional[str] = "auto", *,
+                num_sms: Optional[int] = None) -> Backend:
   """Return the backend that runs ``implementation``.
 
   Args:
@@ -148,4 +149,5 @@ def get_backend(implementation: Optional[str] = "auto", *, num_sms: Optional[int
   """
   if _choose(check_implementation(implementation)) == "reference":
     return ReferenceBackend()
-  return native.NativeBackend(check_num_sms(default_num_sms("deepep") if num_sms is None else num_sms))
+  return native.NativeBackend(
+      check_num_sms(default_num_sms("deepep") if num_sms is None else num_sms))
