@@ -20,6 +20,10 @@ std::mutex g_mutex;
 std::map<int, std::unique_ptr<Member>> g_members;
 // device ordinal -> member of a group spanning processes, between CreateExported and OpenPeers.
 std::map<int, std::unique_ptr<Member>> g_pending;
+// Members of groups spanning processes that left their group: the peers' mappings
+// are closed, but the exported allocation is kept until FreeAll(true), because a
+// peer may still map it (freeing it first is undefined behaviour in CUDA).
+std::vector<std::unique_ptr<Member>> g_released;
 
 // A rank's allocation in a group spanning processes: its SignalRegion, then its
 // staging buffer at this offset (aligned for any vector width).
@@ -66,15 +70,21 @@ void FreeDiag(Diag* host) {
   std::free(host);
 }
 
-// Waits for the member's device, closes the peers' IPC mappings, then frees what
-// this process allocated for it.
-void FreeMemberLocked(Member& m) {
+// Waits for the member's device, then closes the peers' IPC mappings.
+void CloseMappingsLocked(Member& m) {
   cudaSetDevice(m.device);
   cudaDeviceSynchronize();
-  for (void*& peer : m.mapped) {
-    if (peer != nullptr) cudaIpcCloseMemHandle(peer);
-    peer = nullptr;
+  for (int p = 0; p < kMaxRanks; ++p) {
+    if (m.mapped[p] == nullptr) continue;
+    cudaIpcCloseMemHandle(m.mapped[p]);
+    m.mapped[p] = nullptr;
+    m.regions[p] = nullptr;
   }
+}
+
+// CloseMappingsLocked, then frees what this process allocated for the member.
+void FreeMemberLocked(Member& m) {
+  CloseMappingsLocked(m);
   if (m.allocation != nullptr) {
     cudaFree(m.allocation);
   } else if (m.regions[m.position] != nullptr) {
@@ -87,7 +97,18 @@ void FreeMemberLocked(Member& m) {
   m.diag_host = nullptr;
 }
 
-// Frees the groups (and pending ranks) that contain any of `devices`.
+// Takes a member out of use: frees it, or, if peers may map its allocation, closes
+// its mappings and keeps it in g_released.
+void RetireLocked(std::unique_ptr<Member> m) {
+  if (m->allocation == nullptr) {
+    FreeMemberLocked(*m);
+    return;
+  }
+  CloseMappingsLocked(*m);
+  g_released.push_back(std::move(m));
+}
+
+// Retires the groups (and pending ranks) that contain any of `devices`.
 void FreeGroupsOfLocked(const std::vector<int>& devices) {
   std::vector<int> doomed;
   for (int d : devices) {
@@ -100,13 +121,13 @@ void FreeGroupsOfLocked(const std::vector<int>& devices) {
   for (int d : doomed) {
     auto it = g_members.find(d);
     if (it == g_members.end()) continue;
-    FreeMemberLocked(*it->second);
+    RetireLocked(std::move(it->second));
     g_members.erase(it);
   }
   for (int d : devices) {
     auto it = g_pending.find(d);
     if (it == g_pending.end()) continue;
-    FreeMemberLocked(*it->second);
+    RetireLocked(std::move(it->second));
     g_pending.erase(it);
   }
 }
@@ -267,7 +288,7 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
   std::unique_ptr<Member> m = std::move(it->second);
   g_pending.erase(it);
   if (static_cast<int>(blobs.size()) != m->size || static_cast<int>(names.size()) != m->size) {
-    FreeMemberLocked(*m);
+    RetireLocked(std::move(m));
     return "expected " + std::to_string(m->size) + " blobs and names, got " + std::to_string(blobs.size()) +
            " and " + std::to_string(names.size());
   }
@@ -308,7 +329,7 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
     }
   }
   if (!error.empty()) {
-    FreeMemberLocked(*m);
+    RetireLocked(std::move(m));  // Peers may have mapped this rank's allocation already.
     return error;
   }
   g_members[device] = std::move(m);
@@ -323,13 +344,33 @@ std::string SetTimeout(int device, double timeout_s) {
   return "";
 }
 
-std::string FreeAll() {
+std::string ClosePeers() {
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceGuard guard;
-  for (auto& [device, m] : g_members) FreeMemberLocked(*m);
-  for (auto& [device, m] : g_pending) FreeMemberLocked(*m);
+  for (auto it = g_members.begin(); it != g_members.end();) {
+    if (it->second->allocation == nullptr) {
+      ++it;
+      continue;
+    }
+    RetireLocked(std::move(it->second));
+    it = g_members.erase(it);
+  }
+  for (auto& [device, m] : g_pending) RetireLocked(std::move(m));
+  g_pending.clear();
+  return "";
+}
+
+std::string FreeAll(bool exported) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  DeviceGuard guard;
+  for (auto& [device, m] : g_members) RetireLocked(std::move(m));
+  for (auto& [device, m] : g_pending) RetireLocked(std::move(m));
   g_members.clear();
   g_pending.clear();
+  if (exported) {
+    for (auto& m : g_released) FreeMemberLocked(*m);
+    g_released.clear();
+  }
   return "";
 }
 

@@ -62,9 +62,16 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
 // Sets the timeout of the rank on `device` (it must exist).
 std::string SetTimeout(int device, double timeout_s);
 
-// Frees every group and pending rank: synchronises each device, closes the peers'
-// IPC mappings, then frees this process's allocations.
-std::string FreeAll();
+// Takes this process's ranks of groups spanning processes out of use: waits for
+// their devices and closes their mappings of the peers' allocations, keeping their
+// own (peers may still map them) until FreeAll(true).
+std::string ClosePeers();
+
+// Frees every group: synchronises each device and closes the peers' IPC mappings
+// first. Allocations exported to other processes are freed only if `exported`
+// (every peer must have closed its mappings of them: see ClosePeers); otherwise
+// they are kept until a later FreeAll(true) or the end of the process.
+std::string FreeAll(bool exported);
 
 // Waits until this process's GPUs of every group are idle.
 std::string SynchronizeAll();

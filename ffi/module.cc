@@ -58,8 +58,12 @@ NB_MODULE(_jmd_ext, m) {
      "group position) and make the rank on `device` usable; `names` name the ranks in errors.");
   m.def("set_timeout", [](int device, double timeout_s) { Check(jmd::SetTimeout(device, timeout_s)); },
         nb::arg("device"), nb::arg("timeout_s"), "Change how long the rank on `device` waits for a peer.");
-  m.def("free_all", []() { Check(jmd::FreeAll()); },
-        "Free every group's device memory (peers' IPC mappings are closed first).");
+  m.def("close_peers", []() { Check(jmd::ClosePeers()); },
+        "Take this process's ranks of groups spanning processes out of use: close their "
+        "mappings of the peers' memory, keep their own until free_all(exported=True).");
+  m.def("free_all", [](bool exported) { Check(jmd::FreeAll(exported)); }, nb::arg("exported") = true,
+        "Free every group's device memory (peers' IPC mappings are closed first); memory "
+        "exported to other processes only if `exported` (every peer closed its mappings).");
   m.def("synchronize", []() { Check(jmd::SynchronizeAll()); },
         "Wait until this process's GPUs of every group are idle.");
   m.def("reset", []() { Check(jmd::ResetAll()); },

@@ -1,32 +1,45 @@
-"""Lifecycle of the native backend's NVLink buffers (the seed's names, adapted to JAX).
+"""Lifecycle of the native backend's buffers (the seed's names, adapted to JAX).
 
-The native backend gives every GPU of an expert-parallel group one small signal
-region (``region_bytes()``, a few KiB) in device memory that the other GPUs of
-the group can write through CUDA peer access. Rows never pass through it: a
-dispatch loads each received row straight from the sender's XLA input buffer
-into the receiver's output, and a combine loads rows straight from the
-experts' XLA buffers, so there is no staging buffer sized by ``hidden_bytes``
-(the argument is kept for parity with the seed and checked). The region only
-carries per-call counts, buffer addresses and completion flags.
+The native backend gives every rank of an expert-parallel group one small
+signal region (``region_bytes()``, a few KiB) in device memory that the other
+ranks of the group can write. It only carries per-call counts, buffer
+addresses and completion flags; rows are pulled by the receiving side. How a
+group is run depends on who drives its GPUs:
+
+* One process drives every GPU of the group (the usual single-process JAX
+  program): regions are reached through CUDA peer access, and a dispatch loads
+  each received row straight from the sender's XLA input buffer into the
+  receiver's output (a combine likewise from the experts' buffers). There is
+  no staging buffer; ``hidden_bytes`` is checked and kept for parity with the
+  seed.
+* One process per rank (:func:`jax.distributed.initialize`, one process per
+  GPU, or several processes sharing one GPU as several ranks): XLA's buffers
+  cannot be exported through CUDA IPC, so each rank also gets a staging buffer
+  sized from ``hidden_bytes`` and ``max_num_tokens``; a call copies its inputs
+  there first, and the peers map it with CUDA IPC. The handles are exchanged
+  through ``jax.distributed``'s key-value store (:mod:`jax_moe_dispatch.distributed`).
+  Such a group must lie within one node.
 
 Call :func:`get_buffer` once, before tracing, with the mesh (or device list)
-and axis that the ops will run over; on CPUs and without the CUDA extension it
-does nothing (the reference backend needs no buffer). One process drives all
-GPUs of a group; groups spanning processes (``jax.distributed``) are not
-supported by the native backend yet.
+and axis that the ops will run over (every process of a group must call it
+with the same arguments); on CPUs and without the CUDA extension it does
+nothing (the reference backend needs no buffer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import socket
 from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from jax_moe_dispatch import distributed
 from jax_moe_dispatch.backends import native, set_deepep_num_sms, set_hybridep_num_sms
 
 __all__ = [
@@ -46,30 +59,51 @@ __all__ = [
 logger = logging.getLogger("jax_moe_dispatch")
 
 _DEFAULT_TIMEOUT_S = 10.0
+# Groups spanning processes: the first call of a program waits until every
+# process has compiled it, so the default also covers compile-time skew.
+_DEFAULT_PROCESSES_TIMEOUT_S = 120.0
+# Staged bytes per row besides hidden_bytes: routing metadata (top-k ids and
+# weights per destination, FP8 scales) and the send lists.
+_STAGING_METADATA_BYTES = 256
 _buffer: Optional["Buffer"] = None
+# This process's ranks of groups spanning processes: (key-value store key of the
+# group, this rank's position, every rank's name), for the collective steps.
+_spanning: list[tuple[str, int, list[str]]] = []
+# Key-value store exchanges this process started; every process counts the same
+# (SPMD), so the count keeps the keys of successive set-ups apart.
+_exchanges = 0
 
 MeshLike = Union[jax.sharding.Mesh, Sequence[jax.Device]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Buffer:
-  """What :func:`get_buffer` set up.
+  """What :func:`get_buffer` set up in this process.
 
   Attributes:
-    groups: CUDA device ordinals of each expert-parallel group, in axis order
-      (empty when nothing native was set up, e.g. on CPU).
+    groups: the expert-parallel groups this process takes part in, each as its
+      devices' ``jax.Device.id`` in axis order (empty when nothing native was
+      set up, e.g. on CPU).
+    spans_processes: for each group, whether it has one rank per process
+      (``jax.distributed``) rather than one process driving all its GPUs.
+    local_devices: CUDA ordinals of this process's GPUs in those groups.
     axis_name: the mesh axis the groups run along.
     hidden_bytes: bytes per token row the caller declared.
     max_num_tokens: tokens per rank the caller declared, if any.
-    region_bytes: device bytes of the signal region on each GPU.
-    timeout_s: how long a GPU waits for a peer before failing the call.
+    region_bytes: device bytes of the signal region of each rank.
+    staging_bytes: device bytes of each rank's staging buffer in groups that
+      span processes (0 when there are none).
+    timeout_s: how long a rank waits for a peer before failing the call.
   """
 
   groups: tuple[tuple[int, ...], ...]
+  spans_processes: tuple[bool, ...]
+  local_devices: tuple[int, ...]
   axis_name: str
   hidden_bytes: int
   max_num_tokens: Optional[int]
   region_bytes: int
+  staging_bytes: int
   timeout_s: float
 
   @property
@@ -109,64 +143,179 @@ def get_buffer(
     max_num_tokens: Optional[int] = None,
     timeout_s: Optional[float] = None,
 ) -> Buffer:
-  """Set up the native buffers of every expert-parallel group of ``mesh``.
+  """Set up the native buffers of this process's expert-parallel groups of ``mesh``.
 
-  Idempotent: the same groups again keep their state. Call it before tracing
-  (``implementation="auto"`` picks the native backend only once buffers exist).
+  Idempotent: the same groups again keep their state (only the timeout
+  changes). Call it before tracing (``implementation="auto"`` picks the native
+  backend only once buffers exist). When a group spans processes, every
+  process of it must call this with the same arguments: the ranks exchange
+  their buffers' CUDA IPC handles through ``jax.distributed``.
 
   Args:
     mesh: a :class:`jax.sharding.Mesh` with axis ``axis_name`` (every slice
-      along the other axes forms one group), or the devices of one group in axis
-      order (as given to :func:`jax.pmap`).
-    hidden_bytes: bytes of one token row (:func:`get_hidden_bytes`).
+      along the other axes forms one group; with ``jax.distributed``, the
+      global mesh), or the devices of one group in axis order (as given to
+      :func:`jax.pmap`).
+    hidden_bytes: bytes of one token row (:func:`get_hidden_bytes`). Groups
+      spanning processes stage rows, so this must cover the widest rows an op
+      moves (e.g. ``4 * H`` when float32 gradients are combined).
     axis_name: the expert-parallel axis of ``mesh``.
-    max_num_tokens: tokens per rank, for the record (buffers do not scale with it).
-    timeout_s: how long a GPU waits for a peer before the call fails with an
-      error instead of hanging; default ``$JMD_TIMEOUT_S`` or 10 s.
+    max_num_tokens: tokens per rank. Required when a group spans processes:
+      each rank's staging buffer holds ``ep * max_num_tokens`` rows of
+      ``hidden_bytes`` plus routing metadata; a call that needs more fails
+      with an error naming the fix. Otherwise only recorded.
+    timeout_s: how long a rank waits for a peer before the call fails with an
+      error instead of hanging (also bounds the set-up exchange between
+      processes); default ``$JMD_TIMEOUT_S``, else 10 s, or 120 s when a group
+      spans processes (its first call also waits for the slowest process to
+      compile the program).
 
   Raises:
-    NotImplementedError: the group spans processes.
-    RuntimeError: the GPUs cannot reach each other with peer access, or a CUDA
-      call failed; the message says which.
+    ValueError: bad arguments, a group larger than the native backend
+      supports, a group with several GPUs in some but not all of its
+      processes, or no ``max_num_tokens`` for a group spanning processes.
+    RuntimeError: the GPUs cannot reach each other, a group spans nodes, or a
+      CUDA call failed; the message says which. Nothing is left set up.
+    TimeoutError: a process of a group did not reach ``get_buffer``; named.
   """
-  global _buffer
+  global _buffer, _spanning, _exchanges
   hidden_bytes = _positive_int("hidden_bytes", hidden_bytes)
   if max_num_tokens is not None:
     max_num_tokens = _positive_int("max_num_tokens", max_num_tokens)
+  groups = _groups(mesh, axis_name)
+  me = jax.process_index()
+  mine = [g for g in groups if any(d.process_index == me for d in g)]
+  spans = tuple(len({d.process_index for d in g}) > 1 for g in mine)
   if timeout_s is None:
-    timeout_s = float(os.environ.get("JMD_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+    timeout_s = float(os.environ.get(
+        "JMD_TIMEOUT_S", _DEFAULT_PROCESSES_TIMEOUT_S if any(spans) else _DEFAULT_TIMEOUT_S))
   if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
     raise ValueError(f"timeout_s must be a finite positive number, got {timeout_s!r}.")
-  groups = _groups(mesh, axis_name)
+  timeout_s = float(timeout_s)
   if any(d.platform != "gpu" for g in groups for d in g) or not native.native_available():
     reason = ("the devices are not GPUs" if any(d.platform != "gpu" for g in groups for d in g)
               else native.native_unavailable_reason())
     logger.info("jax_moe_dispatch.get_buffer: no native buffers (%s); the reference backend "
                 "needs none.", reason)
-    _buffer = Buffer((), axis_name, hidden_bytes, max_num_tokens, 0, float(timeout_s))
+    _buffer = Buffer((), (), (), axis_name, hidden_bytes, max_num_tokens, 0, 0, timeout_s)
     return _buffer
   ext = _ext()
-  me = jax.process_index()
-  ordinals = []
-  for group in groups:
-    if any(d.process_index != me for d in group):
-      raise NotImplementedError(
-          "the native backend drives all GPUs of an expert-parallel group from one process; "
-          f"this group spans processes {sorted({d.process_index for d in group})}. Fix: run one "
-          "process per node, or implementation='reference'.")
+  for group, span in zip(mine, spans):
     if len(group) > ext.MAX_RANKS:
       raise ValueError(
-          f"the native backend supports up to {ext.MAX_RANKS} GPUs per expert-parallel group "
-          f"(one NVLink node), got {len(group)}. Fix: a smaller '{axis_name}' axis, or "
+          f"the native backend supports up to {ext.MAX_RANKS} ranks per expert-parallel group "
+          f"(one node), got {len(group)}. Fix: a smaller '{axis_name}' axis, or "
           "implementation='reference'.")
-    ordinals.append(tuple(int(d.local_hardware_id) for d in group))
-  for group in ordinals:
-    ext.create_group(list(group), float(timeout_s))
-  _buffer = Buffer(tuple(ordinals), axis_name, hidden_bytes, max_num_tokens,
-                   int(ext.region_bytes()), float(timeout_s))
-  logger.info("jax_moe_dispatch: native buffers on GPU groups %s (%d bytes each).",
-              _buffer.groups, _buffer.region_bytes)
+    processes = [d.process_index for d in group]
+    if span and len(set(processes)) != len(group):
+      raise ValueError(
+          "the native backend runs an expert-parallel group either from one process or with one "
+          f"rank per process; the group of '{axis_name}' on processes {processes} has several "
+          "GPUs in one process. Fix: one process per GPU (or one per node), or "
+          "implementation='reference'.")
+  staging_bytes = 0
+  if any(spans):
+    if max_num_tokens is None:
+      raise ValueError(
+          f"the '{axis_name}' axis spans processes, so get_buffer needs max_num_tokens (tokens per "
+          "rank): it sizes each rank's staging buffer. Fix: get_buffer(mesh, hidden_bytes, "
+          "max_num_tokens=...).")
+    ranks = max(len(g) for g, span in zip(mine, spans) if span)
+    staging_bytes = ranks * max_num_tokens * (hidden_bytes + _STAGING_METADATA_BYTES)
+  local = tuple(int(d.local_hardware_id) for g in mine for d in g if d.process_index == me)
+  new = Buffer(tuple(tuple(int(d.id) for d in g) for g in mine), spans, local, axis_name,
+               hidden_bytes, max_num_tokens, int(ext.region_bytes()), staging_bytes, timeout_s)
+  if _buffer is not None and (_buffer.groups, _buffer.spans_processes, _buffer.staging_bytes) == (
+      new.groups, new.spans_processes, new.staging_bytes):
+    for ordinal in local:
+      ext.set_timeout(ordinal, timeout_s)
+  else:
+    if _buffer is not None:
+      _release(ext, _buffer.timeout_s)
+    _buffer = None
+    try:
+      for group, span in zip(mine, spans):
+        if not span:
+          ext.create_group([int(d.local_hardware_id) for d in group], timeout_s)
+      if any(spans):
+        _exchanges += 1
+        for group, span in zip(mine, spans):
+          if span:
+            key = f"jax_moe_dispatch/{_exchanges}/group{groups.index(group)}"
+            _join(ext, key, group, axis_name, timeout_s, staging_bytes)
+    except BaseException:
+      _release(ext, timeout_s)
+      raise
+  _buffer = new
+  logger.info("jax_moe_dispatch: native buffers for groups %s (spanning processes: %s; %d region "
+              "bytes, %d staging bytes per rank).", new.groups, new.spans_processes,
+              new.region_bytes, new.staging_bytes)
   return _buffer
+
+
+def _join(ext, key: str, group: Sequence[jax.Device], axis_name: str, timeout_s: float,
+          staging_bytes: int) -> None:
+  """Set up this process's rank of a group spanning processes; all its processes call this.
+
+  The rank is added to ``_spanning`` as soon as peers may map its memory, so that
+  :func:`_release` frees it only once they have closed it, also after a failure.
+  """
+  position = next(i for i, d in enumerate(group) if d.process_index == jax.process_index())
+  names = [f"process {d.process_index}" for d in group]
+  ordinal = int(group[position].local_hardware_id)
+  own = {"node": distributed.node_id(), "host": socket.gethostname()}
+  try:
+    own["blob"] = bytes(ext.create_exported(ordinal, position, len(group), timeout_s,
+                                            staging_bytes)).hex()
+    _spanning.append((key, position, names))
+  except RuntimeError as e:  # Published, so that every rank fails now, not after the timeout.
+    own["error"] = str(e)
+  peers = [json.loads(v) for v in distributed.exchange(
+      f"{key}/handles", position, json.dumps(own).encode(), names, timeout_s=timeout_s,
+      what="get_buffer")]
+  failed = [f"{name}: {p['error']}" for name, p in zip(names, peers) if "error" in p]
+  if failed:
+    raise RuntimeError("jax_moe_dispatch: get_buffer failed on " + "; ".join(failed))
+  if len({p["node"] for p in peers}) > 1:
+    hosts = {}
+    for name, p in zip(names, peers):
+      hosts.setdefault(f"{p['host']} ({p['node'][:8]})", []).append(name)
+    raise RuntimeError(
+        f"jax_moe_dispatch: the '{axis_name}' axis spans nodes ({hosts}); the native backend's "
+        "groups spanning processes work within one node (CUDA IPC). Fix: use "
+        "implementation='reference' for this axis (the multi-node path for now), or lay the "
+        "mesh out so that each expert-parallel group lies within one node.")
+  status = ""
+  try:
+    ext.open_peers(ordinal, [bytes.fromhex(p["blob"]) for p in peers], names)
+  except RuntimeError as e:
+    status = str(e)
+  statuses = distributed.exchange(f"{key}/opened", position, status.encode(), names,
+                                  timeout_s=timeout_s, what="get_buffer")
+  failed = [f"{name}: {s.decode()}" for name, s in zip(names, statuses) if s]
+  if failed:
+    raise RuntimeError("jax_moe_dispatch: get_buffer failed on " + "; ".join(failed))
+
+
+def _release(ext, timeout_s: float) -> None:
+  """Free this process's native buffers (see :func:`free_buffer`)."""
+  global _spanning, _exchanges
+  if not _spanning:
+    ext.free_all(True)
+    return
+  ext.close_peers()
+  spanning, _spanning = _spanning, []
+  _exchanges += 1
+  try:
+    for key, position, names in spanning:
+      distributed.barrier(f"{key}/free{_exchanges}", position, names, timeout_s=timeout_s,
+                          what="free_buffer")
+  except TimeoutError as e:
+    logger.warning("%s. This process keeps the buffers it shared with that process until it "
+                   "exits (freeing memory a peer still maps is undefined behaviour in CUDA).", e)
+    ext.free_all(False)
+    return
+  ext.free_all(True)
 
 
 def init_hybrid_ep_buffer(
@@ -196,17 +345,40 @@ def init_hybrid_ep_buffer(
 def reset_hybrid_ep_buffer() -> None:
   """Zero every signal region and call counter (waits for the GPUs to be idle).
 
-  Use it after a failed call left ranks out of step; a fresh process needs nothing.
+  Use it after a failed call left ranks out of step; a fresh process needs
+  nothing. With groups spanning processes every process of them must call it:
+  no region is zeroed before every rank is idle, and it returns once all are.
   """
-  if has_buffer():
-    _ext().reset()
+  global _exchanges
+  if not has_buffer():
+    return
+  ext = _ext()
+  if not _spanning:
+    ext.reset()
+    return
+  _exchanges += 1
+  ext.synchronize()
+  for key, position, names in _spanning:
+    distributed.barrier(f"{key}/reset{_exchanges}/idle", position, names,
+                        timeout_s=_buffer.timeout_s, what="reset_hybrid_ep_buffer")
+  ext.reset()
+  for key, position, names in _spanning:
+    distributed.barrier(f"{key}/reset{_exchanges}/zeroed", position, names,
+                        timeout_s=_buffer.timeout_s, what="reset_hybrid_ep_buffer")
 
 
 def free_buffer() -> None:
-  """Release every group's device memory; the native backend needs :func:`get_buffer` again."""
+  """Release this process's native buffers; the native backend needs :func:`get_buffer` again.
+
+  Waits for this process's GPUs to be idle, closes its mappings of the peers'
+  memory, then frees its own. With groups spanning processes every process of
+  them must call it: a rank frees its memory only once every peer has closed
+  its mapping of it (a peer that does not arrive within ``timeout_s`` is named
+  in a warning, and this process keeps that memory until it exits).
+  """
   global _buffer
   if has_buffer():
-    _ext().free_all()
+    _release(_ext(), _buffer.timeout_s)
   _buffer = None
 
 
@@ -218,14 +390,15 @@ def has_buffer() -> bool:
 def last_error(device: Optional[jax.Device] = None) -> str:
   """What the last failed native call recorded on ``device`` (default: every GPU), or ``''``.
 
-  A GPU that waits longer than ``timeout_s`` for a peer stops its kernel (XLA then
-  reports a CUDA launch failure); this says which peer and which call.
+  A rank that waits longer than ``timeout_s`` for a peer gives up its call (the
+  results are invalid) and its next call fails with this message as an XLA
+  error; it says which peer and which call.
   """
   if not has_buffer():
     return ""
   ext = _ext()
   ordinals = ([int(device.local_hardware_id)] if device is not None
-              else sorted({o for g in _buffer.groups for o in g}))
+              else sorted(set(_buffer.local_devices)))
   return "\n".join(msg for msg in (ext.last_error(o) for o in ordinals) if msg)
 
 

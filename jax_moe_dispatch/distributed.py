@@ -14,13 +14,34 @@ this package supports.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Sequence
 
 import jax
 
-__all__ = ["barrier", "exchange", "node_id"]
+__all__ = ["barrier", "exchange", "initialize_from_launcher", "node_id"]
+
+
+def initialize_from_launcher(**kwargs) -> None:
+  """:func:`jax.distributed.initialize` for a process started by ``scripts/launch_ranks.py``.
+
+  Reads ``JMD_NUM_PROCESSES`` and ``JMD_PROCESS_ID`` (jax itself reads
+  ``JAX_COORDINATOR_ADDRESS`` and ``JAX_LOCAL_DEVICE_IDS``, which the launcher
+  sets too); ``kwargs`` go to :func:`jax.distributed.initialize`. Under SLURM,
+  Open MPI and the other launchers jax detects, call
+  :func:`jax.distributed.initialize` directly instead.
+  """
+  try:
+    num_processes = int(os.environ["JMD_NUM_PROCESSES"])
+    process_id = int(os.environ["JMD_PROCESS_ID"])
+  except KeyError as e:
+    raise RuntimeError(
+        f"jax_moe_dispatch: {e.args[0]} is not set: this process was not started by "
+        "scripts/launch_ranks.py. Fix: start it with the launcher, or call "
+        "jax.distributed.initialize(...) yourself.") from None
+  jax.distributed.initialize(num_processes=num_processes, process_id=process_id, **kwargs)
 
 
 def _client():

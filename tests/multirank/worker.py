@@ -1,0 +1,636 @@
+"""One rank of a multi-process test run, started by ``scripts/launch_ranks.py``.
+
+Every process joins the ``jax.distributed`` job, builds the global mesh (one
+device per process, axis ``"ep"``), makes the inputs of *all* ranks from a
+seed, runs the ops for its own rank inside ``jit(shard_map(...))`` and checks
+its rank's outputs against the NumPy oracle (:mod:`jax_moe_dispatch.oracle`):
+rows, routing metadata and handles bit for bit, combine sums bit for bit
+against float32 sums in the documented order (ascending rank) wherever the
+library fixes that order. No rank needs another rank's results, so no XLA
+collective runs here unless the implementation itself uses one (the reference
+backend on CPU does; the native backend on GPU does not, which is what lets N
+processes share one GPU).
+
+Before each case the ranks compile its programs, then meet (key-value store),
+so that no rank's kernel waits for a peer that is still compiling. After each
+case they swap their status; if any rank failed, the native buffers are reset
+so that the next case starts in step.
+
+Results: one JSON line per case in ``<out>/rank<i>.jsonl`` (written as soon as
+the case ends); the process exits 0 if every case passed on it.
+
+    python scripts/launch_ranks.py -n 4 --gpus 1 -- python tests/multirank/worker.py \
+        --impl native --out /tmp/ranks
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+import zlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+CASES = {
+    # name: implementations it runs with.
+    "dispatch_combine_bf16": ("native", "reference"),
+    "dispatch_combine_f32": ("native", "reference"),
+    "fp8": ("native", "reference"),
+    "drop": ("native", "reference"),
+    "skew": ("native", "reference"),
+    "cached_and_grads": ("native", "reference"),
+    "hybrid": ("native", "reference"),
+    "many_calls": ("native", "reference"),
+    "straggler": ("native",),
+    "example": ("reference",),
+    "dead_peer": ("native",),  # Last: one rank exits.
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--impl", choices=("native", "reference"), required=True)
+  p.add_argument("--cases", default="all", help="comma-separated case names, or 'all'")
+  p.add_argument("--out", required=True, help="folder for rank<i>.jsonl")
+  p.add_argument("--timeout", type=float, default=120.0,
+                 help="native: how long a rank waits for a peer (get_buffer's timeout_s)")
+  p.add_argument("--short-timeout", type=float, default=5.0,
+                 help="native: the timeout in the straggler and dead-peer cases")
+  p.add_argument("--calls", type=int, default=1000, help="many_calls: dispatch+combine pairs")
+  p.add_argument("--chunk", type=int, default=50, help="many_calls: pairs per program run")
+  p.add_argument("--calls-budget", type=float, default=120.0,
+                 help="many_calls: seconds after which no further chunk starts")
+  p.add_argument("--example-steps", type=int, default=2)
+  args = p.parse_args(argv)
+  names = list(CASES) if args.cases == "all" else args.cases.split(",")
+  unknown = [c for c in names if c not in CASES]
+  if unknown:
+    p.error(f"unknown cases {unknown}; known: {list(CASES)}")
+  args.cases = [c for c in names if args.impl in CASES[c]]
+  return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.impl == "reference":
+  # One CPU device per process, whatever the parent's XLA_FLAGS said.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_moe_dispatch as jmd  # noqa: E402
+from jax_moe_dispatch import buffer, distributed, oracle  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# ----------------------------------------------------------------------------
+# Checks.
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+  a = np.ascontiguousarray(a)
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+class Checks:
+  """Collects mismatches; :meth:`done` raises them all at once."""
+
+  def __init__(self):
+    self.failures: list[str] = []
+    self.count = 0
+
+  def _fail(self, what, got, want, bad):
+    first = tuple(int(i) for i in bad[0])
+    self.failures.append(f"{what}: {len(bad)} of {want.size} elements differ, first at {first}: "
+                         f"got {got[first]!r}, want {want[first]!r}")
+
+  def bitwise(self, what: str, got, want) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    self.count += 1
+    if got.shape != want.shape or got.dtype != want.dtype:
+      self.failures.append(f"{what}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)}")
+      return
+    bad = np.argwhere(bits(got) != bits(want))
+    if bad.size:
+      self._fail(what, got, want, bad)
+
+  def equal(self, what: str, got, want) -> None:
+    """Integers, compared by value (dtypes may differ)."""
+    got, want = np.asarray(got), np.asarray(want)
+    self.count += 1
+    if got.shape != want.shape:
+      self.failures.append(f"{what}: shape {list(got.shape)} != {list(want.shape)}")
+      return
+    bad = np.argwhere(got != want)
+    if bad.size:
+      self._fail(what, got, want, bad)
+
+  def close(self, what: str, got, want, *, rtol: float, atol: float) -> None:
+    got, want = np.asarray(got).astype(np.float64), np.asarray(want, np.float64)
+    self.count += 1
+    if got.shape != want.shape:
+      self.failures.append(f"{what}: shape {list(got.shape)} != {list(want.shape)}")
+      return
+    bad = np.argwhere(~np.isclose(got, want, rtol=rtol, atol=atol))
+    if bad.size:
+      self._fail(what, got, want, bad)
+
+  def true(self, what: str, ok: bool) -> None:
+    self.count += 1
+    if not ok:
+      self.failures.append(what)
+
+  def done(self) -> dict:
+    if self.failures:
+      raise AssertionError("; ".join(self.failures))
+    return {"checks": self.count}
+
+
+def exact_combine(lay: oracle.Layout, rows: np.ndarray, dtype) -> np.ndarray:
+  """``[R, M, ...]`` rows back to their sources as combine sums them, for all ranks.
+
+  The library's contract: float32 accumulation over the ranks a token was kept
+  at, in ascending rank order, starting from 0, rounded once to ``dtype``. The
+  order and the float32 adds are fixed, so the result is exact (numpy float32
+  adds are IEEE adds, as on the GPU).
+  """
+  rows = np.asarray(rows)
+  out = np.zeros((lay.num_ranks, lay.num_tokens) + rows.shape[2:], np.float32)
+  for d in range(lay.num_ranks):
+    for s, row, tokens in lay.blocks(d):
+      out[s, tokens] += rows[d, row:row + len(tokens)].astype(np.float32)
+  return out.astype(dtype)
+
+
+def rng_for(*salt) -> np.random.Generator:
+  return np.random.default_rng(zlib.crc32(repr(salt).encode()))
+
+
+def rand(rng, shape, dtype) -> np.ndarray:
+  a = rng.normal(size=shape)
+  return np.where(np.abs(a) < 0.05, 0.5, a).astype(dtype)  # Never exactly zero.
+
+
+def routing(rng, ep, num_tokens, topk, num_experts, kind="random"):
+  idx = oracle.random_topk(rng, ep, num_tokens, topk, num_experts, kind=kind, masked_rows=(1,))
+  probs = np.where(idx >= 0, rng.random(idx.shape) + 0.1, 0).astype(np.float32)
+  return idx, probs
+
+
+# ----------------------------------------------------------------------------
+# This process's rank.
+
+
+class Rank:
+  """This process's rank of the ``"ep"`` axis and how to run per-rank functions on it."""
+
+  def __init__(self, args):
+    self.args = args
+    self.impl = args.impl
+    self.mesh = Mesh(np.array(jax.devices()), ("ep",))
+    self.ep = self.mesh.size
+    self.device = jax.local_devices()[0]
+    self.rank = list(self.mesh.devices.flat).index(self.device)
+    self.names = [f"process {d.process_index}" for d in self.mesh.devices.flat]
+    self.meetings = 0
+    self.hidden_bytes = 4 * 256  # The widest rows the cases move: float32, 256 columns.
+    self.max_tokens = 64
+
+  def get_buffer(self, timeout_s: float) -> None:
+    if self.impl == "native":
+      buffer.get_buffer(self.mesh, self.hidden_bytes, max_num_tokens=self.max_tokens,
+                        timeout_s=timeout_s)
+
+  def meet(self, tag: str, status: str = "", ranks=None) -> list[str]:
+    """Wait for ``ranks`` (default: all) and return their statuses (by rank)."""
+    ranks = list(range(self.ep)) if ranks is None else list(ranks)
+    self.meetings += 1
+    out = distributed.exchange(f"multirank/{self.meetings}/{tag}", ranks.index(self.rank),
+                               status.encode(), [self.names[r] for r in ranks],
+                               timeout_s=max(300.0, self.args.timeout), what=tag)
+    return [v.decode() for v in out]
+
+  def put(self, a: np.ndarray) -> jax.Array:
+    """``[R, ...]`` data of all ranks as a global array, this process holding its row."""
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, P("ep")),
+                                        lambda index: a[index])
+
+  def program(self, fn, *inputs):
+    """``fn`` per rank (leading ``[R]`` axis on inputs and outputs), compiled; returns a runner.
+
+    The runner runs the compiled program and returns this rank's outputs as numpy.
+    """
+    def per_rank(*xs):
+      out = fn(*jax.tree.map(lambda v: v[0], xs))
+      return jax.tree.map(lambda v: v[None], out)
+
+    arrays = [self.put(a) for a in inputs]
+    compiled = jax.jit(jax.shard_map(per_rank, mesh=self.mesh, in_specs=P("ep"),
+                                     out_specs=P("ep"))).lower(*arrays).compile()
+
+    def run(*new_inputs):
+      args = [self.put(a) for a in new_inputs] if new_inputs else arrays
+      out = compiled(*args)
+      return jax.tree.map(lambda o: np.asarray(o.addressable_shards[0].data)[0], out)
+
+    return run
+
+
+# ----------------------------------------------------------------------------
+# Cases. Each returns a small dict of facts for the record or raises.
+
+
+def _fused(ctx: Rank, dtype: str, kind: str = "random", max_recv=None) -> dict:
+  ep, T, K = ctx.ep, 37, 4
+  E, H = 4 * ep, (256 if dtype == "fp8" else 72)
+  impl = ctx.impl
+  rng = rng_for("fused", ep, dtype, kind, max_recv)
+  idx, probs = routing(rng, ep, T, K, E, kind)
+  x = rand(rng, (ep, T, H), np.float32)
+  if dtype == "fp8":
+    q, s = jax.vmap(jmd.quantize_fp8)(jnp.asarray(x))
+    inputs = (np.asarray(q), np.asarray(s), idx, probs)
+  else:
+    inputs = (x.astype(BF16 if dtype == "bfloat16" else np.float32), idx, probs)
+  m = max_recv or ep * T
+  weight = (2.0 ** (np.arange(m) % 3))[:, None]  # Powers of two: exact in every dtype.
+
+  def fn(*a):
+    xs = (a[0], a[1]) if dtype == "fp8" else a[0]
+    recv_x, recv_idx, recv_probs, tpe, handle = jmd.fused_dispatch(
+        xs, a[-2], a[-1], E, "ep", max_recv_tokens=max_recv, implementation=impl)
+    rows = recv_x[0].astype(jnp.float32) if dtype == "fp8" else recv_x
+    y = jmd.fused_combine(rows * jnp.asarray(weight, rows.dtype), handle, "ep",
+                          implementation=impl)
+    return recv_x, recv_idx, recv_probs, tpe, handle, y
+
+  run = ctx.program(fn, *inputs)
+  ctx.meet("ready")
+  recv_x, recv_idx, recv_probs, tpe, handle, y = run()
+
+  r, c = ctx.rank, Checks()
+  want = oracle.fused_dispatch(inputs[0], idx, probs, E, max_recv,
+                               scales=inputs[1] if dtype == "fp8" else None)
+  lay = want["layout"]
+  if dtype == "fp8":
+    c.bitwise("recv_x rows", recv_x[0], want["recv_x"][r])
+    c.bitwise("recv_x scales", recv_x[1], want["recv_scales"][r])
+    rows = want["recv_x"].astype(np.float32)
+  else:
+    c.bitwise("recv_x", recv_x, want["recv_x"][r])
+    rows = want["recv_x"]
+  c.equal("recv_token_indices", recv_idx, want["recv_idx"][r])
+  c.bitwise("recv_token_probs", recv_probs, want["recv_probs"][r])
+  c.equal("tokens_per_expert", tpe, want["tokens_per_expert"][r])
+  c.equal("handle.send_pos", handle.send_pos, lay.send_pos[r])
+  c.equal("handle.dest_offset", handle.dest_offset, lay.dest_offset[r])
+  c.equal("handle.recv_count", handle.recv_count, lay.recv_count[r])
+  c.equal("handle.recv_token", handle.recv_token, lay.recv_token[r])
+  c.bitwise("combine", y, exact_combine(lay, rows * weight.astype(rows.dtype), rows.dtype)[r])
+  return {**c.done(), "received": int(lay.recv_count[r].sum()), "dropped": len(lay.dropped)}
+
+
+def case_dispatch_combine_bf16(ctx):
+  return _fused(ctx, "bfloat16")
+
+
+def case_dispatch_combine_f32(ctx):
+  return _fused(ctx, "float32")
+
+
+def case_fp8(ctx):
+  return _fused(ctx, "fp8")
+
+
+def case_drop(ctx):
+  return _fused(ctx, "bfloat16", max_recv=9)
+
+
+def case_skew(ctx):
+  return _fused(ctx, "bfloat16", kind="one_expert")
+
+
+def case_cached_and_grads(ctx):
+  """Cached dispatch (combine's backward) and dispatch's backward (a combine of gradients)."""
+  ep, T, K, H = ctx.ep, 23, 3, 40
+  E, M = 2 * ep, ep * 23
+  impl = ctx.impl
+  rng = rng_for("cached", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = rand(rng, (ep, T, H), np.float32)
+  g_y = rand(rng, (ep, T, H), np.float32)
+  g_x = rand(rng, (ep, M, H), np.float32)
+  g_p = rand(rng, (ep, M, K), np.float32)
+
+  def fn(x, idx, probs, g_y, g_x, g_p):
+    def dispatch(x, p):
+      recv_x, _, recv_probs, _, handle = jmd.fused_dispatch(x, idx, p, E, "ep",
+                                                            implementation=impl)
+      return (recv_x, recv_probs), handle
+
+    (recv_x, _), vjp_dispatch, handle = jax.vjp(dispatch, x, probs, has_aux=True)
+    grad_x, grad_p = vjp_dispatch((g_x, g_p))
+    _, vjp_combine = jax.vjp(
+        lambda rows: jmd.fused_combine(rows, handle, "ep", implementation=impl), recv_x)
+    (g_rows,) = vjp_combine(g_y)
+    return g_rows, grad_x, grad_p
+
+  run = ctx.program(fn, x, idx, probs, g_y, g_x, g_p)
+  ctx.meet("ready")
+  g_rows, grad_x, grad_p = run()
+
+  r, c = ctx.rank, Checks()
+  want = oracle.fused_dispatch(x, idx, probs, E)
+  lay = want["layout"]
+  c.bitwise("cached dispatch of the combine cotangent", g_rows, oracle.move(lay, g_y)[r])
+  c.bitwise("grad x (combine of row gradients)", grad_x, exact_combine(lay, g_x, np.float32)[r])
+  # One rank owns each (token, slot): its gradient arrives alone, so float64 is exact.
+  _, want_p = oracle.fused_dispatch_vjp(lay, idx, E, g_x, g_p)
+  c.bitwise("grad probs", grad_p, want_p.astype(np.float32)[r])
+  return c.done()
+
+
+def case_hybrid(ctx):
+  """hybrid_ep_dispatch/combine with padding, and their gradients."""
+  ep, T, K, L, H, pad = ctx.ep, 29, 3, 4, 40, 16
+  E = ep * L
+  impl = ctx.impl
+  rng = rng_for("hybrid", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  rmap, dprobs = oracle.topk_to_map(idx, probs, E)
+  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+
+  def fn(x, rmap, dprobs):
+    def loss(x, dprobs):
+      px, pprobs, _, tpe, handle = jmd.hybrid_ep_dispatch(
+          x, rmap, dprobs, L, "ep", topk=K, pad_multiple=pad, implementation=impl)
+      y = jmd.hybrid_ep_combine(px * pprobs[:, None].astype(px.dtype), handle, "ep",
+                                implementation=impl)
+      return y.astype(jnp.float32).sum(), (px, pprobs, tpe, y)
+
+    (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, dprobs)
+    return aux, grads
+
+  run = ctx.program(fn, x, rmap, dprobs)
+  ctx.meet("ready")
+  (px, pprobs, tpe, y), (gx, gp) = run()
+
+  r, c = ctx.rank, Checks()
+  want = oracle.hybrid_dispatch(x, rmap, dprobs, L, pad_multiple=pad, topk=K)
+  c.bitwise("permuted_x", px, want["permuted_x"][r])
+  c.bitwise("permuted_probs", pprobs, want["permuted_probs"][r])
+  c.equal("tokens_per_expert", tpe, want["tokens_per_expert"][r])
+  weighted = want["permuted_x"].astype(np.float64) * want["permuted_probs"][..., None]
+  c.close("combine", y, oracle.hybrid_combine(want, weighted)[r], rtol=2e-2, atol=2e-2)
+  want_gx, want_gp = oracle.hybrid_dispatch_vjp(
+      want, np.broadcast_to(want["permuted_probs"][..., None], want["permuted_x"].shape),
+      want["permuted_x"].astype(np.float64).sum(-1))
+  c.close("grad x", gx, want_gx[r], rtol=2e-2, atol=2e-2)
+  c.close("grad probs", gp, want_gp[r], rtol=2e-2, atol=5e-2)
+  return c.done()
+
+
+def case_many_calls(ctx):
+  """Many dispatch+combine pairs with fresh routing each, checked in the program.
+
+  Every rank draws every rank's routing and rows for each call (from the seed,
+  the call index and the rank), so it knows what it must receive: the rows
+  routed to it, rank-major. Its combine of the received rows must give each
+  token times the number of ranks it went to (exact in float32). Runs in
+  chunks until ``--calls`` pairs or ``--calls-budget`` seconds (rank 0
+  decides, so all ranks run the same chunks).
+  """
+  ep, T, K, H = ctx.ep, 64, 4, 128
+  E, L = 4 * ep, 4
+  impl, chunk = ctx.impl, ctx.args.chunk
+
+  def fn(start):
+    me = jax.lax.axis_index("ep")
+
+    def draw(call, s):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), call), s)
+      k1, k2, k3 = jax.random.split(key, 3)
+      idx = jax.lax.top_k(jax.random.uniform(k1, (T, E)), K)[1].astype(jnp.int32)
+      idx = jnp.where(jax.random.uniform(k2, (T, K)) < 0.1, -1, idx)
+      return idx, jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
+
+    def body(i, bad):
+      call = start[0] + i
+      idx_all, x_all = jax.vmap(lambda s: draw(call, s))(jnp.arange(ep))
+      idx, x = idx_all[me], x_all[me]
+      probs = jnp.where(idx >= 0, 0.5, 0.0)
+      recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation=impl)
+      y = jmd.fused_combine(recv_x, handle, "ep", implementation=impl)
+      owner = jnp.where(idx_all >= 0, idx_all // L, -1)  # [R, T, K]
+      to_me = (owner == me).any(-1).reshape(-1)  # [R * T], rank-major.
+      row = jnp.where(to_me, jnp.cumsum(to_me) - 1, ep * T)
+      want = jnp.zeros((ep * T, H), jnp.bfloat16).at[row].set(x_all.reshape(-1, H), mode="drop")
+      reach = (owner[me][:, :, None] == jnp.arange(ep)).any(1).sum(-1)  # [T]
+      want_y = (x.astype(jnp.float32) * reach[:, None]).astype(jnp.bfloat16)
+      wrong = ((recv_x != want).sum() + (y != want_y).sum()
+               + (handle.recv_count.sum() != to_me.sum()))
+      return bad + wrong.astype(jnp.int32)
+
+    zero = (me * 0).astype(jnp.int32)  # Varying over "ep", like the loop's result.
+    return jax.lax.fori_loop(0, chunk, body, zero)
+
+  starts = np.zeros((ep, 1), np.int32)
+  run = ctx.program(fn, starts)
+  ctx.meet("ready")
+  began, calls, bad = time.monotonic(), 0, 0
+  while calls < ctx.args.calls:
+    bad += int(run(starts + calls))
+    calls += chunk
+    go = "go" if time.monotonic() - began < ctx.args.calls_budget else "stop"
+    if ctx.meet("chunk", go if ctx.rank == 0 else "")[0] != "go":
+      break
+  seconds = time.monotonic() - began
+  c = Checks()
+  c.true(f"{bad} wrong elements over {calls} dispatch+combine pairs", bad == 0)
+  return {**c.done(), "calls": calls, "us_per_pair": round(1e6 * seconds / calls, 1)}
+
+
+def _timeout_program(ctx):
+  """A fresh dispatch + combine (bf16), compiled; returns (runner, check of its outputs)."""
+  ep, T, K, H = ctx.ep, 16, 2, 64
+  E = 2 * ep
+  rng = rng_for("timeout", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+
+  def fn(x, idx, probs):
+    recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")
+    return recv_x, jmd.fused_combine(recv_x, handle, "ep", implementation="native")
+
+  def check(c: Checks, out):
+    want = oracle.fused_dispatch(x, idx, probs, E)
+    c.bitwise("recv_x", out[0], want["recv_x"][ctx.rank])
+    c.bitwise("combine", out[1], exact_combine(want["layout"], want["recv_x"], BF16)[ctx.rank])
+
+  return ctx.program(fn, x, idx, probs), check
+
+
+def _survive(ctx, victim: int, c: Checks, run) -> dict:
+  """As a rank whose peer ``victim`` never arrives: a bounded failure that names it."""
+  short = ctx.args.short_timeout
+  began = time.monotonic()
+  run()  # Gives up after `short` (the results are invalid).
+  gave_up = time.monotonic() - began
+  recorded = buffer.last_error()
+  try:
+    run()
+    raised = ""
+  except Exception as e:  # noqa: BLE001 - XLA reports the handler's error as a runtime error.
+    raised = str(e)
+  who = f"waiting for process {ctx.mesh.devices.flat[victim].process_index} (group position {victim})"
+  c.true(f"the call gave up after {gave_up:.1f} s, not within {short:g} s + 60 s",
+         gave_up < short + 60)
+  c.true(f"last_error() names the missing rank: {recorded!r}", "timed out" in recorded and who in recorded)
+  c.true(f"the next call fails naming it: {raised[:800]!r}", "gave up" in raised and who in raised)
+  return {"gave_up_s": round(gave_up, 2)}
+
+
+def case_straggler(ctx):
+  """The last rank skips one call: the others fail in bounded time naming it; after a reset all run again."""
+  victim = ctx.ep - 1
+  run, check = _timeout_program(ctx)
+  ctx.get_buffer(ctx.args.short_timeout)  # Same group: only the timeout changes.
+  ctx.meet("ready")
+  c, info = Checks(), {}
+  if ctx.rank != victim:
+    info = _survive(ctx, victim, c, run)
+  ctx.meet("survived")
+  buffer.reset_hybrid_ep_buffer()
+  ctx.get_buffer(ctx.args.timeout)
+  ctx.meet("reset")
+  check(c, run())
+  return {**c.done(), **info}
+
+
+def case_dead_peer(ctx):
+  """The last rank's process exits: the others fail in bounded time naming it (last case)."""
+  victim = ctx.ep - 1
+  run, _ = _timeout_program(ctx)
+  ctx.get_buffer(ctx.args.short_timeout)
+  ctx.meet("ready")
+  if ctx.rank == victim:
+    return {"exits": True}
+  c = Checks()
+  info = _survive(ctx, victim, c, run)
+  return {**c.done(), **info}
+
+
+# Small and SGD (so parameter differences are gradient differences); the test
+# runs the same in one process.
+EXAMPLE_ARGV = ["--optimizer", "sgd", "--lr", "0.1", "--implementation", "reference", "--layers",
+                "1", "--hidden", "32", "--ffn", "64", "--tokens", "32", "--quiet"]
+
+
+def case_example(ctx):
+  """examples/train_moe.py's training step over the processes (reference backend)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("train_moe", ROOT / "examples" / "train_moe.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  args = example.parse_args(EXAMPLE_ARGV)
+  _, _, params, opt_state, step = example.build(args, list(ctx.mesh.devices.flat))
+  ctx.meet("ready")
+  losses = []
+  for i in range(ctx.args.example_steps):
+    params, opt_state, loss = step(params, opt_state, jnp.int32(i))
+    losses.append(float(loss).hex())
+  return {"losses": losses, "params_sha256": shard_digest(params, ctx.device)}
+
+
+def shard_digest(params, device) -> str:
+  """sha256 over ``device``'s shard of every leaf (so processes can compare with one process)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    (shard,) = [s for s in leaf.addressable_shards if s.device == device]
+    h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(args) -> int:
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if args.impl == "reference":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  distributed.initialize_from_launcher(initialization_timeout=120)
+  jax.config.update("jax_default_matmul_precision", "highest")
+  ctx = Rank(args)
+  results = out / f"rank{ctx.rank}.jsonl"
+  print(f"rank {ctx.rank} of {ctx.ep} on {ctx.device} (process {jax.process_index()}); "
+        f"cases {args.cases}", flush=True)
+  ctx.get_buffer(args.timeout)
+  all_ok, alive = True, list(range(ctx.ep))
+  for name in args.cases:
+    print(f"=== {name}", flush=True)
+    began = time.monotonic()
+    try:
+      info, error = globals()[f"case_{name}"](ctx), ""
+    except Exception as e:  # noqa: BLE001 - reported per case.
+      info, error = {}, f"{type(e).__name__}: {e}"
+      traceback.print_exc()
+    record = {"case": name, "rank": ctx.rank, "ok": not error, "error": error[:4000],
+              "seconds": round(time.monotonic() - began, 2), **info}
+    with open(results, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    all_ok &= not error
+    if name == "dead_peer":
+      alive.remove(ctx.ep - 1)
+      if ctx.rank not in alive:
+        os._exit(0)  # The dead peer: no clean shutdown, as in a crash.
+      continue
+    statuses = ctx.meet(f"{name}/done", "ok" if not error else "failed")
+    if args.impl == "native" and "failed" in statuses:
+      buffer.reset_hybrid_ep_buffer()  # The next case starts in step.
+      ctx.get_buffer(args.timeout)
+  ctx.meet("finished", ranks=alive)
+  leave(ctx, alive)
+  return 0 if all_ok else 1
+
+
+def leave(ctx: Rank, alive) -> None:
+  """Process 0 hosts the key-value store: it returns last, once every other rank has said so."""
+  client = distributed._client()
+  key = f"multirank/{ctx.meetings}/leaving"
+  if jax.process_index() != 0:
+    client.key_value_set_bytes(f"{key}/{jax.process_index()}", b"")
+    return
+  for r in alive:
+    process = ctx.mesh.devices.flat[r].process_index
+    if process != 0:
+      client.blocking_key_value_get_bytes(f"{key}/{process}", 60_000)
+
+
+if __name__ == "__main__":
+  try:
+    code = main(ARGS)
+  except BaseException:  # noqa: BLE001 - the launcher reads the log.
+    traceback.print_exc()
+    code = 2
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # No jax.distributed shutdown: it waits for every process, and a failed or
+  # exited peer would hold the others there; the launcher collects the codes.
+  os._exit(code)
