@@ -319,8 +319,10 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
       cudaError_t err = cudaIpcOpenMemHandle(&peer, in.handle, cudaIpcMemLazyEnablePeerAccess);
       if (err != cudaSuccess) {
         cudaGetLastError();  // Not sticky: clear it so that later launch checks do not see it.
-        error = CudaError(("mapping the buffer of " + names[p] + " (cudaIpcOpenMemHandle; all ranks of a "
-                           "group must be on one node)").c_str(), err);
+        error = CudaError(("mapping the buffer of " + names[p] + " (cudaIpcOpenMemHandle: the ranks of a "
+                           "group must be on one node, and every process must see the node's GPUs: "
+                           "pick each process's GPU with jax.distributed.initialize(local_device_ids=...), "
+                           "not with CUDA_VISIBLE_DEVICES)").c_str(), err);
         break;
       }
       m->mapped[p] = peer;
