@@ -288,9 +288,10 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
   std::unique_ptr<Member> m = std::move(it->second);
   g_pending.erase(it);
   if (static_cast<int>(blobs.size()) != m->size || static_cast<int>(names.size()) != m->size) {
+    const std::string error = "expected " + std::to_string(m->size) + " blobs and names, got " +
+                              std::to_string(blobs.size()) + " and " + std::to_string(names.size());
     RetireLocked(std::move(m));
-    return "expected " + std::to_string(m->size) + " blobs and names, got " + std::to_string(blobs.size()) +
-           " and " + std::to_string(names.size());
+    return error;
   }
   m->names = names;
   const uint64_t own_bytes = kStagingOffset + m->staging_bytes;

@@ -51,7 +51,7 @@ launcher = _load("launch_ranks", ROOT / "scripts" / "launch_ranks.py")
 worker = _load("multirank_worker", WORKER)
 
 GPU_CASES = [name for name, impls in worker.CASES.items() if "native" in impls]
-CPU_CASES = ["dispatch_combine_bf16", "cached_and_grads", "hybrid", "example"]
+CPU_CASES = ["dispatch_combine_bf16", "cached_and_grads", "hybrid", "exchange_timeout", "example"]
 EXAMPLE_STEPS = 2
 
 

@@ -47,6 +47,7 @@ CASES = {
     "cached_and_grads": ("native", "reference"),
     "hybrid": ("native", "reference"),
     "many_calls": ("native", "reference"),
+    "exchange_timeout": ("native", "reference"),
     "straggler": ("native",),
     "example": ("reference",),
     "dead_peer": ("native",),  # Last: one rank exits.
@@ -462,6 +463,25 @@ def case_many_calls(ctx):
   c = Checks()
   c.true(f"{bad} wrong elements over {calls} dispatch+combine pairs", bad == 0)
   return {**c.done(), "calls": calls, "us_per_pair": round(1e6 * seconds / calls, 1)}
+
+
+def case_exchange_timeout(ctx):
+  """A rank that never reaches a key-value exchange (as in get_buffer): the others fail in bounded time, naming it."""
+  victim, wait = ctx.ep - 1, 2.0
+  c = Checks()
+  if ctx.rank != victim:
+    began = time.monotonic()
+    try:
+      distributed.barrier(f"multirank/{ctx.meetings}/never", ctx.rank, ctx.names, timeout_s=wait,
+                          what="the test's barrier")
+      raised = ""
+    except TimeoutError as e:
+      raised = str(e)
+    waited = time.monotonic() - began
+    c.true(f"the error names the missing rank: {raised!r}",
+           f"{ctx.names[victim]} did not reach the test's barrier within {wait:g} s" in raised)
+    c.true(f"it took {waited:.1f} s", waited < wait + 30)
+  return c.done()
 
 
 def _timeout_program(ctx):
