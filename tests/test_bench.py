@@ -45,8 +45,8 @@ def _read_csv(path):
 def test_help():
   res = _run(["--help"])
   assert res.returncode == 0, res.stderr
-  for flag in ("--tokens", "--hidden-sweep", "--ep", "--impl", "--ops", "--fp8", "--num-sms",
-               "--iters", "--csv", "--plot", "--time-budget"):
+  for flag in ("--suite", "--tokens", "--hidden-sweep", "--ep", "--impl", "--ops", "--fp8", "--num-sms",
+               "--iters", "--csv", "--plot", "--time-budget", "--cpu-devices"):
     assert flag in res.stdout
 
 
@@ -74,6 +74,7 @@ def test_cpu_tiny_run(tmp_path):
   assert len(rows) == len(want)
   for r in rows:
     assert r["check"] == "PASS", r
+    assert r["check_detail"].startswith("bitwise equal to the "), r
     assert float(r["time_us"]) > 0 and float(r["host_us"]) > 0, r
     assert float(r["bottleneck_gbps"]) > 0, r
     assert float(r["bottleneck_gbps"]) >= float(r["nvlink_gbps"]) > 0, r
