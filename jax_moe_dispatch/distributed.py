@@ -27,11 +27,11 @@ __all__ = ["barrier", "exchange", "initialize_from_launcher", "node_id"]
 def initialize_from_launcher(**kwargs) -> None:
   """:func:`jax.distributed.initialize` for a process started by ``scripts/launch_ranks.py``.
 
-  Reads ``JMD_NUM_PROCESSES`` and ``JMD_PROCESS_ID`` (jax itself reads
-  ``JAX_COORDINATOR_ADDRESS`` and ``JAX_LOCAL_DEVICE_IDS``, which the launcher
-  sets too); ``kwargs`` go to :func:`jax.distributed.initialize`. Under SLURM,
-  Open MPI and the other launchers jax detects, call
-  :func:`jax.distributed.initialize` directly instead.
+  Reads ``JMD_NUM_PROCESSES``, ``JMD_PROCESS_ID`` and, if set,
+  ``JAX_LOCAL_DEVICE_IDS`` (jax reads ``JAX_COORDINATOR_ADDRESS`` itself);
+  ``kwargs`` go to :func:`jax.distributed.initialize`. Under SLURM, Open MPI
+  and the other launchers jax detects, call :func:`jax.distributed.initialize`
+  directly instead.
   """
   try:
     num_processes = int(os.environ["JMD_NUM_PROCESSES"])
@@ -41,6 +41,8 @@ def initialize_from_launcher(**kwargs) -> None:
         f"jax_moe_dispatch: {e.args[0]} is not set: this process was not started by "
         "scripts/launch_ranks.py. Fix: start it with the launcher, or call "
         "jax.distributed.initialize(...) yourself.") from None
+  if os.environ.get("JAX_LOCAL_DEVICE_IDS") and "local_device_ids" not in kwargs:
+    kwargs["local_device_ids"] = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
   jax.distributed.initialize(num_processes=num_processes, process_id=process_id, **kwargs)
 
 

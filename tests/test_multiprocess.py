@@ -14,7 +14,9 @@ result per case and rank. A test here passes when every rank passed the case.
   one-GPU machine; no XLA collective runs, which would fail there), through
   every case: dispatch/combine in three dtypes, drops, skew, cached dispatch
   and gradients, hybrid, many calls with fresh routing, a straggler and a dead
-  peer (bounded errors naming it). ``JMD_MULTIRANK_TIMEOUT_S`` (default 270)
+  peer (bounded errors naming it); and, with 2 GPUs or more, the example's
+  training step with one process per GPU (its gradient all-reduce through
+  XLA next to the native ops). ``JMD_MULTIRANK_TIMEOUT_S`` (default 270)
   bounds each ep's run, ``JMD_MULTIRANK_ARGS`` adds worker flags (e.g.
   ``--calls-budget 30``); ``-rP`` shows each case's time per rank.
 """
@@ -33,6 +35,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import gpu_count
+from jax.sharding import Mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multirank" / "worker.py"
@@ -50,7 +53,8 @@ def _load(name: str, path: pathlib.Path):
 launcher = _load("launch_ranks", ROOT / "scripts" / "launch_ranks.py")
 worker = _load("multirank_worker", WORKER)
 
-GPU_CASES = [name for name, impls in worker.CASES.items() if "native" in impls]
+# The example runs XLA collectives, which fail when processes share a GPU.
+GPU_CASES = [name for name, impls in worker.CASES.items() if "native" in impls and name != "example"]
 CPU_CASES = ["dispatch_combine_bf16", "cached_and_grads", "hybrid", "exchange_timeout", "example"]
 EXAMPLE_STEPS = 2
 
@@ -106,6 +110,20 @@ def launch(impl: str, num_ranks: int, out: pathlib.Path, *, gpus: int, timeout_s
 # CPU: the reference backend over 2 processes equals one process.
 
 
+def _example_steps(implementation: str, devices):
+  """The worker's example steps in this process: (losses as hex, parameters)."""
+  example = _load("train_moe", ROOT / "examples" / "train_moe.py")
+  args = example.parse_args(worker.example_argv(implementation))
+  if implementation == "native":
+    example.setup_buffers(Mesh(np.array(devices), ("ep",)), args.hidden * 4, args.tokens)
+  _, _, params, opt_state, step = example.build(args, devices)
+  losses = []
+  for i in range(EXAMPLE_STEPS):
+    params, opt_state, loss = step(params, opt_state, jax.numpy.int32(i))
+    losses.append(float(loss).hex())
+  return losses, params
+
+
 def test_two_cpu_processes_equal_one_process(tmp_path):
   runs = []
   thread = threading.Thread(target=lambda: runs.append(launch(
@@ -113,14 +131,8 @@ def test_two_cpu_processes_equal_one_process(tmp_path):
       args=["--cases", ",".join(CPU_CASES), "--example-steps", str(EXAMPLE_STEPS)])))
   thread.start()
   try:  # Meanwhile, the same training steps in this process, over 2 of its CPU devices.
-    example = _load("train_moe", ROOT / "examples" / "train_moe.py")
     devices = jax.devices("cpu")[:2]
-    _, _, params, opt_state, step = example.build(example.parse_args(worker.EXAMPLE_ARGV),
-                                                  devices)
-    losses = []
-    for i in range(EXAMPLE_STEPS):
-      params, opt_state, loss = step(params, opt_state, jax.numpy.int32(i))
-      losses.append(float(loss).hex())
+    losses, params = _example_steps("reference", devices)
   finally:
     thread.join()
   (run,) = runs
@@ -156,9 +168,24 @@ def native_run(request, tmp_path_factory) -> Run:
     timeout = float(os.environ.get("JMD_MULTIRANK_TIMEOUT_S", 270))
     extra = shlex.split(os.environ.get("JMD_MULTIRANK_ARGS", ""))
     _gpu_runs[n] = launch("native", n, out, gpus=_gpus_for(n), timeout_s=timeout,
-                          args=["--calls-budget", "60", *extra])
+                          args=["--cases", ",".join(GPU_CASES), "--calls-budget", "60", *extra])
     print(f"\nep={n} on {_gpus_for(n)} GPU(s), logs in {out}:\n{_gpu_runs[n].summary()}")
   return _gpu_runs[n]
+
+
+@pytest.mark.gpu
+def test_native_training_one_process_per_gpu(tmp_path):
+  """The example's training step (native dispatch + XLA's gradient all-reduce), one process per GPU."""
+  if gpu_count() < 2:
+    pytest.skip(f"needs 2 GPUs (XLA collectives fail on a shared GPU), found {gpu_count()}")
+  run = launch("native", 2, tmp_path, gpus=2, timeout_s=240,
+               args=["--cases", "example", "--example-steps", str(EXAMPLE_STEPS)])
+  records = run.check("example")
+  losses, params = _example_steps("native", jax.devices("gpu")[:2])
+  for rank, record in records.items():
+    got = [float.fromhex(v) for v in record["losses"]]
+    np.testing.assert_allclose(got, [float.fromhex(v) for v in losses], rtol=1e-5,
+                               err_msg=f"rank {rank}")
 
 
 @pytest.mark.gpu

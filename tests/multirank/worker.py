@@ -49,7 +49,7 @@ CASES = {
     "many_calls": ("native", "reference"),
     "exchange_timeout": ("native", "reference"),
     "straggler": ("native",),
-    "example": ("reference",),
+    "example": ("native", "reference"),  # Runs XLA collectives: one GPU per process.
     "dead_peer": ("native",),  # Last: one rank exits.
 }
 
@@ -554,20 +554,23 @@ def case_dead_peer(ctx):
   return {**c.done(), **info}
 
 
-# Small and SGD (so parameter differences are gradient differences); the test
-# runs the same in one process.
-EXAMPLE_ARGV = ["--optimizer", "sgd", "--lr", "0.1", "--implementation", "reference", "--layers",
-                "1", "--hidden", "32", "--ffn", "64", "--tokens", "32", "--quiet"]
+def example_argv(implementation: str) -> list[str]:
+  """The example's flags: small, SGD (parameter differences are gradient differences).
+
+  The test runs the same steps in one process to compare.
+  """
+  return ["--optimizer", "sgd", "--lr", "0.1", "--implementation", implementation, "--layers",
+          "1", "--hidden", "32", "--ffn", "64", "--tokens", "32", "--quiet"]
 
 
 def case_example(ctx):
-  """examples/train_moe.py's training step over the processes (reference backend)."""
+  """examples/train_moe.py's training step over the processes (its gradient all-reduce included)."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("train_moe", ROOT / "examples" / "train_moe.py")
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
-  args = example.parse_args(EXAMPLE_ARGV)
+  args = example.parse_args(example_argv(ctx.impl))
   _, _, params, opt_state, step = example.build(args, list(ctx.mesh.devices.flat))
   ctx.meet("ready")
   losses = []
