@@ -19,6 +19,13 @@ void Check(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("jax_moe_dispatch: " + error);
 }
 
+// Runs a host call that may wait for the GPUs without holding the GIL.
+template <typename F>
+std::string Unlocked(F&& fn) {
+  nb::gil_scoped_release release;
+  return fn();
+}
+
 template <typename T>
 nb::capsule Capsule(T* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
@@ -37,13 +44,13 @@ NB_MODULE(_jmd_ext, m) {
     return d;
   }, "FFI handler capsules by target name.");
   m.def("create_group", [](const std::vector<int>& devices, double timeout_s) {
-    Check(jmd::CreateGroup(devices, timeout_s));
+    Check(Unlocked([&] { return jmd::CreateGroup(devices, timeout_s); }));
   }, nb::arg("devices"), nb::arg("timeout_s"),
      "Allocate the signal regions of a group of local GPUs (CUDA ordinals, in axis order) "
      "and enable peer access between them. The same group again is kept as it is.");
   m.def("create_exported", [](int device, int position, int size, double timeout_s, size_t staging_bytes) {
     std::string blob;
-    Check(jmd::CreateExported(device, position, size, timeout_s, staging_bytes, &blob));
+    Check(Unlocked([&] { return jmd::CreateExported(device, position, size, timeout_s, staging_bytes, &blob); }));
     return nb::bytes(blob.data(), blob.size());
   }, nb::arg("device"), nb::arg("position"), nb::arg("size"), nb::arg("timeout_s"), nb::arg("staging_bytes"),
      "First step of a rank of a group spanning processes: allocate its signal region and "
@@ -52,21 +59,22 @@ NB_MODULE(_jmd_ext, m) {
   m.def("open_peers", [](int device, const std::vector<nb::bytes>& blobs, const std::vector<std::string>& names) {
     std::vector<std::string> raw;
     for (const nb::bytes& b : blobs) raw.emplace_back(b.c_str(), b.size());
-    Check(jmd::OpenPeers(device, raw, names));
+    Check(Unlocked([&] { return jmd::OpenPeers(device, raw, names); }));
   }, nb::arg("device"), nb::arg("blobs"), nb::arg("names"),
      "Second step: map every peer's allocation (create_exported's bytes of every rank, by "
      "group position) and make the rank on `device` usable; `names` name the ranks in errors.");
   m.def("set_timeout", [](int device, double timeout_s) { Check(jmd::SetTimeout(device, timeout_s)); },
         nb::arg("device"), nb::arg("timeout_s"), "Change how long the rank on `device` waits for a peer.");
-  m.def("close_peers", []() { Check(jmd::ClosePeers()); },
+  m.def("close_peers", []() { Check(Unlocked(jmd::ClosePeers)); },
         "Take this process's ranks of groups spanning processes out of use: close their "
         "mappings of the peers' memory, keep their own until free_all(exported=True).");
-  m.def("free_all", [](bool exported) { Check(jmd::FreeAll(exported)); }, nb::arg("exported") = true,
+  m.def("free_all", [](bool exported) { Check(Unlocked([&] { return jmd::FreeAll(exported); })); },
+        nb::arg("exported") = true,
         "Free every group's device memory (peers' IPC mappings are closed first); memory "
         "exported to other processes only if `exported` (every peer closed its mappings).");
-  m.def("synchronize", []() { Check(jmd::SynchronizeAll()); },
+  m.def("synchronize", []() { Check(Unlocked(jmd::SynchronizeAll)); },
         "Wait until this process's GPUs of every group are idle.");
-  m.def("reset", []() { Check(jmd::ResetAll()); },
+  m.def("reset", []() { Check(Unlocked(jmd::ResetAll)); },
         "Zero this process's signal regions and call counters (its GPUs must be idle).");
   m.def("last_error", &jmd::LastError, nb::arg("device"),
         "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
