@@ -16,9 +16,11 @@ result per case and rank. A test here passes when every rank passed the case.
   and gradients, hybrid, many calls with fresh routing, a straggler and a dead
   peer (bounded errors naming it); and, with 2 GPUs or more, the example's
   training step with one process per GPU (its gradient all-reduce through
-  XLA next to the native ops). ``JMD_MULTIRANK_TIMEOUT_S`` (default 270)
-  bounds each ep's run, ``JMD_MULTIRANK_ARGS`` adds worker flags (e.g.
-  ``--calls-budget 30``); ``-rP`` shows each case's time per rank.
+  XLA next to the native ops). The many-calls case runs up to 1000 pairs but
+  starts no chunk after 30 s (ranks sharing a GPU time-slice it) and needs
+  at least 100. ``JMD_MULTIRANK_TIMEOUT_S`` (default 270) bounds each ep's
+  run, ``JMD_MULTIRANK_ARGS`` adds worker flags (e.g. ``--calls-budget 120``);
+  ``-rP`` shows each case's time per rank.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def native_run(request, tmp_path_factory) -> Run:
     timeout = float(os.environ.get("JMD_MULTIRANK_TIMEOUT_S", 270))
     extra = shlex.split(os.environ.get("JMD_MULTIRANK_ARGS", ""))
     _gpu_runs[n] = launch("native", n, out, gpus=_gpus_for(n), timeout_s=timeout,
-                          args=["--cases", ",".join(GPU_CASES), "--calls-budget", "60", *extra])
+                          args=["--cases", ",".join(GPU_CASES), "--calls-budget", "30", *extra])
     print(f"\nep={n} on {_gpus_for(n)} GPU(s), logs in {out}:\n{_gpu_runs[n].summary()}")
   return _gpu_runs[n]
 
