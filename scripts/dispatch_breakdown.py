@@ -3,9 +3,10 @@
 
     python scripts/dispatch_breakdown.py [--tokens 4096 --hidden 7168 --experts 256 --topk 8]
 
-Every GPU on one "ep" axis, DESIGN §6 routing. Each line times one function per
-rank (20 calls in a jitted fori_loop, each call's routing perturbed by the
-previous output so XLA cannot merge calls; median of 5 runs):
+Every GPU on one "ep" axis, the benchmark's routing (top-K of scores |randn| + 1).
+Each line times one function per rank with the benchmark's harness
+(jax_moe_dispatch.bench.timing.device_time: --iters calls chained in one jitted
+fori_loop, median of 5 runs):
 
   fused_dispatch          the public op (routing preprocessing, kernels, layout, counts)
   backend.dispatch        NativeBackend.dispatch with the payloads prepared outside
@@ -16,8 +17,7 @@ previous output so XLA cannot merge calls; median of 5 runs):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_moe_dispatch as jmd
 from jax_moe_dispatch import buffer
 from jax_moe_dispatch.backends import native
+from jax_moe_dispatch.bench import timing
 
 
 def main() -> None:
@@ -41,7 +42,6 @@ def main() -> None:
   devices = jax.devices("gpu")
   ep, T, H, E, K = len(devices), a.tokens, a.hidden, a.experts, a.topk
   mesh = Mesh(np.array(devices), ("ep",))
-  buffer.set_deepep_num_sms(a.num_sms)
   buffer.get_buffer(mesh, H * 2)
   rng = np.random.default_rng(0)
   scores = np.abs(rng.standard_normal((ep * T, E), dtype=np.float32)) + 1
@@ -63,7 +63,7 @@ def main() -> None:
     return on_rank.any(-1), local_idx.astype(jnp.int32), local_probs
 
   def f_public(x, idx, probs):
-    return jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")[0]
+    return jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native", num_sms=a.num_sms)[0]
 
   def f_backend(x, idx, probs):
     mask, li, lp = prep(idx, probs)
@@ -77,29 +77,12 @@ def main() -> None:
     mask, li, lp = prep(idx, probs)
     return (mask.sum() + li.sum() + lp.sum()).astype(x.dtype).reshape(1, 1)
 
-  def looped(fn):
-    def per_rank(x, idx, probs):
-      def body(_, carry):
-        idx, acc = carry
-        out = fn(x, idx, probs)
-        tok = jnp.isnan(out.reshape(-1)[0].astype(jnp.float32))  # Never true.
-        idx = idx.at[0, 0].set(jnp.where(tok, -1, idx[0, 0]))
-        return idx, acc + out.reshape(-1)[0].astype(jnp.float32)
-      return jax.lax.fori_loop(0, a.iters, body, (idx, jnp.zeros((), jnp.float32)))[1][None]
-    return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
-                                 check_vma=False))
-
+  wrap = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False)
   print(f"ep={ep} T={T} H={H} E={E} K={K} num_sms={a.num_sms}; us per call (median of 5)")
   for name, fn in [("fused_dispatch", f_public), ("backend.dispatch", f_backend),
                    ("backend.dispatch (rows)", f_rows), ("preprocessing only", f_prep_only)]:
-    g = looped(fn)
-    jax.block_until_ready(g(x, idx_d, probs_d))
-    times = []
-    for _ in range(5):
-      t0 = time.perf_counter()
-      jax.block_until_ready(g(x, idx_d, probs_d))
-      times.append((time.perf_counter() - t0) / a.iters * 1e6)
-    print(f"  {name:26s} {statistics.median(times):8.1f}")
+    t = timing.device_time(fn, (x, idx_d, probs_d), iters=a.iters, reps=5, wrap=wrap)
+    print(f"  {name:26s} {t.median_s * 1e6:8.1f}")
 
 
 if __name__ == "__main__":

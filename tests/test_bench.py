@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,3 +127,66 @@ def test_bench_to_md(tmp_path):
   assert "| op | impl |" in md
   assert "| dispatch | reference | bf16 | 2 | 128 | PASS |" in md
   assert "command: `python -m jax_moe_dispatch.bench" in md
+
+
+# ----------------------------------------------------------------------------
+# The timing harness, in this process (8 emulated CPU devices, see conftest.py).
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jax_moe_dispatch.bench import ops, timing  # noqa: E402
+
+
+def _wrap(mesh):
+  return functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=False)
+
+
+def _loop_bodies(text: str) -> str:
+  """The HLO text of every computation that is a while loop's body."""
+  bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", text))
+  heads = [(re.match(r"%?([\w.\-]+)", c), c) for c in re.split(r"\n(?=\S)", text)]
+  return "\n".join(c for m, c in heads if m and m.group(1) in bodies)
+
+
+def test_chain_calls_in_the_loop_and_changes_nothing(make_mesh):
+  mesh = make_mesh(4)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4 * 16, 128)), jnp.float32)
+  compiled = timing.compile_loop(ops.ppermute_ring, (x,), iters=5, wrap=_wrap(mesh))
+  assert "collective-permute(" in _loop_bodies(compiled.as_text())  # Not hoisted out of the loop.
+  (carried,), out = compiled(jnp.copy(x))
+  np.testing.assert_array_equal(carried, x)
+  np.testing.assert_array_equal(out, np.roll(np.asarray(x).reshape(4, 16, 128), 1, axis=0).reshape(64, 128))
+
+
+def test_no_per_call_copies_where_feeding_the_output_back_copied(make_mesh):
+  # A ring of 1 MiB per rank. Feeding each call's output back as the next input (the
+  # old harness) makes XLA copy the buffer every iteration; the chain copies nothing.
+  # (XLA:CPU splits all_to_all into per-peer slices and fuses the one-element rewrite
+  # into them, so the dense baseline's loop is only meaningful on GPU, where the
+  # benchmark reports loop_copy_bytes for every row.)
+  mesh = make_mesh(4)
+  x = jnp.ones((4 * 256, 1024), jnp.float32)
+  feedback = lambda a: jax.lax.fori_loop(0, 5, lambda _, v: ops.ppermute_ring(v), a)  # noqa: E731
+  old = jax.jit(_wrap(mesh)(feedback)).lower(x).compile()
+  assert timing.loop_copy_bytes(old) >= 2**20
+  new = timing.compile_loop(ops.ppermute_ring, (x,), iters=5, wrap=_wrap(mesh))
+  assert timing.loop_copy_bytes(new) == 0
+
+
+def test_device_time_on_one_device_leaves_the_arguments():
+  a = jnp.asarray(np.random.default_rng(1).normal(size=(64, 32)), jnp.float32)
+  b = jnp.asarray(np.random.default_rng(2).normal(size=(32, 16)), jnp.float32)
+  t = timing.device_time(jnp.matmul, (a, b), iters=3, reps=3)
+  assert 0 < t.min_s <= t.median_s <= t.max_s
+  assert t.copy_bytes == 0
+  np.testing.assert_array_equal(a @ b, jnp.matmul(a, b))  # a and b were not donated away.
+
+
+def test_device_time_needs_a_floating_output():
+  with pytest.raises(ValueError, match="floating-point output"):
+    timing.device_time(lambda i: i + 1, (jnp.arange(4),), iters=2, reps=1)

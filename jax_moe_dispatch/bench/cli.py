@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "before timing")
   p.add_argument("--time-budget", type=float, default=0.0,
                  help="seconds; once spent, remaining ops/configurations are skipped (0 = no limit)")
-  p.add_argument("--csv", default=None, metavar="PATH", help="write results as CSV (rows appended as they finish)")
+  p.add_argument("--csv", default=None, metavar="PATH",
+                 help="write results as CSV (rows appended as they finish)")
   p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
   p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                  help="emulate N CPU devices (before JAX starts its backends; for tests)")

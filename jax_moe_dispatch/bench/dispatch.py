@@ -77,7 +77,8 @@ COLUMNS = (
     report.Column("check", "check", 10), report.Column("time_us", "time us", 9, ".1f"),
     report.Column("host_us", "host us", 9, ".1f"),
     report.Column("bottleneck_gbps", "bottleneck GB/s", 15, ".1f"),
-    report.Column("nvlink_gbps", "nvlink GB/s", 11, ".1f"), report.Column("vs_dense", "vs dense x", 10, ".2f"),
+    report.Column("nvlink_gbps", "nvlink GB/s", 11, ".1f"),
+    report.Column("vs_dense", "vs dense x", 10, ".2f"),
 )
 
 
@@ -98,8 +99,10 @@ def add_arguments(group) -> None:
   group.add_argument("--ops", type=_names(OPS), default=list(OPS), metavar="OP1,OP2,...",
                      help=f"ops to run, from {','.join(OPS)}")
   group.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
-                     help="also time dispatch of FP8 rows (quantize_fp8: e4m3 + one f32 scale per 128 columns)")
-  group.add_argument("--num-sms", type=int, default=24, help="SMs for the native kernels")
+                     help="also time dispatch of FP8 rows (quantize_fp8: e4m3 + one f32 scale per 128 "
+                          "columns)")
+  group.add_argument("--num-sms", type=int, default=24,
+                     help="SMs the native kernels of every op use (the ops' num_sms argument)")
   group.add_argument("--max-recv-tokens", type=int, default=None,
                      help="static receive rows M of ours (default ep*T, never drops)")
   group.add_argument("--hybrid-rows", choices=("actual", "worst"), default="actual",
@@ -189,7 +192,7 @@ def _run_config(session: Session, impls: Sequence[str], ep: int, hidden: int, ma
   a = session.args
   case = Case(a, session.devices, ep, hidden, index)
   if "native" in impls:
-    ops.prepare_native(case.mesh, max_hidden * 2, a.tokens, a.num_sms)
+    ops.prepare_native(case.mesh, max_hidden * 2, a.tokens)
   session.progress(f"== config ep={ep} H={hidden} T={a.tokens} E={a.experts} K={a.topk} M={case.max_recv}")
   session.progress(f"   rows received per rank {case.recv_rows.tolist()} (cross-device "
                    f"{case.cross_rows.tolist()}), hybrid permuted rows N={case.num_rows}")

@@ -106,20 +106,20 @@ class Case:
   # -- ops -------------------------------------------------------------------
   def op(self, op: str, impl: str, dtype: str) -> tuple[Callable, tuple]:
     """``(per-rank fn, global args)`` of one timed op."""
-    E, M, dev = self.experts, self.max_recv, self.device
+    E, M, sms, dev = self.experts, self.max_recv, self.args.num_sms, self.device
     if op == "dispatch" and dtype == "fp8":
-      return ops.dispatch_fp8(impl, E, M), (*self._fp8_rows(), dev["idx"], dev["probs"])
+      return ops.dispatch_fp8(impl, sms, E, M), (*self._fp8_rows(), dev["idx"], dev["probs"])
     if op == "dispatch":
-      return ops.dispatch(impl, E, M), (self.x, dev["idx"], dev["probs"])
+      return ops.dispatch(impl, sms, E, M), (self.x, dev["idx"], dev["probs"])
     if op == "combine":
       recv = self.output("dispatch", impl, "bf16")
-      return ops.combine(impl), (self._scaled(recv[0]), recv[4])
+      return ops.combine(impl, sms), (self._scaled(recv[0]), recv[4])
     if op == "hybrid_dispatch":
-      fn = ops.hybrid_dispatch(impl, self.num_local, self.num_rows, self.pad, M)
+      fn = ops.hybrid_dispatch(impl, sms, self.num_local, self.num_rows, self.pad, M)
       return fn, (self.x, dev["rmap"], dev["dprobs"])
     if op == "hybrid_combine":
       permuted = self.output("hybrid_dispatch", impl, "bf16")
-      return ops.hybrid_combine(impl), (self._scaled(permuted[0]), permuted[4])
+      return ops.hybrid_combine(impl, sms), (self._scaled(permuted[0]), permuted[4])
     if op == "ragged":
       return ops.ragged_dispatch(E), (self.x, dev["idx"], dev["probs"])
     if op == "dense":

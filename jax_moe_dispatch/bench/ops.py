@@ -2,7 +2,8 @@
 
 Every call of the library's public API made by the benchmark is in this
 module. Each builder returns a function of per-rank arrays, to run inside
-``jax.shard_map`` over a 1-D mesh whose axis is :data:`AXIS`.
+``jax.shard_map`` over a 1-D mesh whose axis is :data:`AXIS`; ours take the
+implementation and the native kernels' SM count as arguments.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ def native_status() -> tuple[bool, str]:
   return False, native.native_unavailable_reason()
 
 
-def prepare_native(mesh: jax.sharding.Mesh, hidden_bytes: int, num_tokens: int, num_sms: int) -> None:
-  """Set up the native backend's buffer for rows of up to ``hidden_bytes`` and ``num_sms`` SMs."""
-  buffer.set_deepep_num_sms(num_sms)
+def prepare_native(mesh: jax.sharding.Mesh, hidden_bytes: int, num_tokens: int) -> None:
+  """Set up the native backend's buffers for rows of up to ``hidden_bytes``."""
   buffer.get_buffer(mesh, hidden_bytes, axis_name=AXIS, max_num_tokens=num_tokens)
 
 
@@ -39,37 +39,38 @@ def prepare_native(mesh: jax.sharding.Mesh, hidden_bytes: int, num_tokens: int, 
 # Ours.
 
 
-def dispatch(impl: str, num_experts: int, max_recv: int) -> Callable:
+def dispatch(impl: str, num_sms: int, num_experts: int, max_recv: int) -> Callable:
   """``(x [T, H], idx [T, K], probs [T, K]) -> fused_dispatch outputs``; ``x`` may be ``(rows, scales)``."""
   def f(x, idx, probs):
     return fused_a2a.fused_dispatch(x, idx, probs, num_experts, AXIS, max_recv_tokens=max_recv,
-                                    implementation=impl)
+                                    implementation=impl, num_sms=num_sms)
   return f
 
 
-def dispatch_fp8(impl: str, num_experts: int, max_recv: int) -> Callable:
+def dispatch_fp8(impl: str, num_sms: int, num_experts: int, max_recv: int) -> Callable:
   """``(xq, scales, idx, probs) -> fused_dispatch outputs`` of FP8 rows with their scales."""
-  bf16 = dispatch(impl, num_experts, max_recv)
+  bf16 = dispatch(impl, num_sms, num_experts, max_recv)
   return lambda xq, xs, idx, probs: bf16((xq, xs), idx, probs)
 
 
-def combine(impl: str) -> Callable:
+def combine(impl: str, num_sms: int) -> Callable:
   """``(y [M, H], handle) -> fused_combine output [T, H]``."""
-  return lambda y, handle: fused_a2a.fused_combine(y, handle, AXIS, implementation=impl)
+  return lambda y, handle: fused_a2a.fused_combine(y, handle, AXIS, implementation=impl, num_sms=num_sms)
 
 
-def hybrid_dispatch(impl: str, num_local: int, num_rows: int, pad_multiple: int, max_recv: int) -> Callable:
+def hybrid_dispatch(impl: str, num_sms: int, num_local: int, num_rows: int, pad_multiple: int,
+                    max_recv: int) -> Callable:
   """``(x [T, H], routing_map [T, E], probs [T, E]) -> hybrid_ep_dispatch outputs``."""
   def f(x, routing_map, probs):
     return fused_a2a.hybrid_ep_dispatch(x, routing_map, probs, num_local, AXIS, num_permuted_tokens=num_rows,
                                         pad_multiple=pad_multiple, max_recv_tokens=max_recv,
-                                        implementation=impl)
+                                        implementation=impl, num_sms=num_sms)
   return f
 
 
-def hybrid_combine(impl: str) -> Callable:
+def hybrid_combine(impl: str, num_sms: int) -> Callable:
   """``(y [N, H], handle) -> hybrid_ep_combine output [T, H]``."""
-  return lambda y, handle: fused_a2a.hybrid_ep_combine(y, handle, AXIS, implementation=impl)
+  return lambda y, handle: fused_a2a.hybrid_ep_combine(y, handle, AXIS, implementation=impl, num_sms=num_sms)
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +129,7 @@ def ragged_dispatch(num_experts: int) -> Callable:
 
 
 def dense_slots(num_experts: int) -> Callable:
-  """``(x [T, H], idx [T, K]) -> [R, T, H]`` slots: slot ``d`` holds the tokens for rank ``d``, packed, zero padded."""
+  """``(x [T, H], idx [T, K]) -> [R, T, H]``: slot ``d`` holds rank ``d``'s tokens, packed, zero padded."""
   def f(x, idx):
     ranks = jax.lax.axis_size(AXIS)
     tokens = x.shape[0]

@@ -38,10 +38,12 @@ class Column:
 
 
 def table_head(columns: Sequence[Column]) -> str:
+  """The header line of the printed table."""
   return " ".join(f"{c.title:<{c.width}}" if not c.spec else f"{c.title:>{c.width}}" for c in columns)
 
 
 def table_line(columns: Sequence[Column], row: Any) -> str:
+  """One row of the printed table."""
   cells = []
   for c in columns:
     v = getattr(row, c.field)

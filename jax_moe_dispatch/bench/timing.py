@@ -57,7 +57,8 @@ def _never(out: Any) -> jax.Array:
   for leaf in jax.tree.leaves(out):
     if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size:
       return jnp.isnan(leaf.reshape(-1)[0].astype(jnp.float32))
-  raise ValueError("device_time needs a function with a non-empty floating-point output to chain calls.")
+  raise ValueError("device_time chains calls through a test on a floating-point output, and fn returned "
+                   "none. Fix: make fn also return a non-empty floating-point array.")
 
 
 def _rewrite_first(a: jax.Array, flip: jax.Array) -> jax.Array:
@@ -97,21 +98,28 @@ def chain(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
   return run
 
 
+def compile_loop(fn: Callable[..., Any], args: Sequence[Any], *, iters: int,
+                 wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda f: f) -> Any:
+  """The compiled loop :func:`device_time` runs: :func:`chain` of ``iters`` calls, arguments donated."""
+  looped = jax.jit(wrap(chain(fn, iters)), donate_argnums=tuple(range(len(args))))
+  return looped.lower(*args).compile()
+
+
 def device_time(fn: Callable[..., Any], args: Sequence[Any], *, iters: int, reps: int,
                 wrap: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda f: f) -> LoopTime:
   """Per-call device time of ``fn(*args)``: :func:`chain` of ``iters`` calls, jitted, run ``reps`` times.
 
   Args:
-    fn: the function to time (per rank when ``wrap`` is a ``shard_map``).
+    fn: the function to time (per rank when ``wrap`` is a ``shard_map``); its
+      output must hold a floating-point array.
     args: its arguments (arrays or pytrees of arrays); not modified.
     iters: calls inside the loop; the loop's time is divided by it.
     reps: timed runs of the loop, after one untimed run.
     wrap: applied to the looped function before ``jax.jit``, e.g.
       ``functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))``.
   """
-  looped = jax.jit(wrap(chain(fn, iters)), donate_argnums=tuple(range(len(args))))
   state = jax.tree.map(jnp.copy, tuple(args))
-  compiled = looped.lower(*state).compile()
+  compiled = compile_loop(fn, state, iters=iters, wrap=wrap)
   copies = loop_copy_bytes(compiled)
   state, _ = jax.block_until_ready(compiled(*state))
   per_call = []
