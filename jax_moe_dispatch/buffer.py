@@ -172,13 +172,13 @@ def get_buffer(
 
   Raises:
     ValueError: bad arguments, a group larger than the native backend
-      supports, a group with several GPUs in some but not all of its
-      processes, or no ``max_num_tokens`` for a group spanning processes.
+      supports, a group spanning processes with several of its GPUs in one
+      process, or no ``max_num_tokens`` for a group spanning processes.
     RuntimeError: the GPUs cannot reach each other, a group spans nodes, or a
       CUDA call failed; the message says which. Nothing is left set up.
     TimeoutError: a process of a group did not reach ``get_buffer``; named.
   """
-  global _buffer, _spanning, _exchanges
+  global _buffer, _exchanges
   hidden_bytes = _positive_int("hidden_bytes", hidden_bytes)
   if max_num_tokens is not None:
     max_num_tokens = _positive_int("max_num_tokens", max_num_tokens)

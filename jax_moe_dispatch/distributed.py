@@ -111,7 +111,7 @@ def barrier(key: str, index: int, names: Sequence[str], *, timeout_s: float, wha
 
 
 def node_id() -> str:
-  """What identifies this machine: the kernel's boot id (shared by containers on one host), else the host name."""
+  """What identifies this machine: the kernel's boot id (one per host), else the host name."""
   try:
     with open("/proc/sys/kernel/random/boot_id") as f:
       return f.read().strip()

@@ -1,4 +1,4 @@
-"""scripts/launch_ranks.py: per-rank environment and logs, and no process outlives a failure or the timeout."""
+"""scripts/launch_ranks.py: per-rank variables and logs; no rank outlives a failure or timeout."""
 
 import importlib.util
 import pathlib
@@ -21,7 +21,8 @@ def launcher():
 
 
 def program(body: str) -> list[str]:
-  return [sys.executable, "-c", "import os, sys, time\nr = int(os.environ['JMD_PROCESS_ID'])\n" + body]
+  prelude = "import os, sys, time\nr = int(os.environ['JMD_PROCESS_ID'])\n"
+  return [sys.executable, "-c", prelude + body]
 
 
 def test_each_rank_gets_its_variables_and_its_log(launcher, tmp_path):

@@ -56,7 +56,8 @@ launcher = _load("launch_ranks", ROOT / "scripts" / "launch_ranks.py")
 worker = _load("multirank_worker", WORKER)
 
 # The example runs XLA collectives, which fail when processes share a GPU.
-GPU_CASES = [name for name, impls in worker.CASES.items() if "native" in impls and name != "example"]
+GPU_CASES = [name for name, impls in worker.CASES.items()
+             if "native" in impls and name != "example"]
 CPU_CASES = ["dispatch_combine_bf16", "cached_and_grads", "hybrid", "exchange_timeout", "example"]
 EXAMPLE_STEPS = 2
 
@@ -177,7 +178,7 @@ def native_run(request, tmp_path_factory) -> Run:
 
 @pytest.mark.gpu
 def test_native_training_one_process_per_gpu(tmp_path):
-  """The example's training step (native dispatch + XLA's gradient all-reduce), one process per GPU."""
+  """The example's training step (native ops, XLA's gradient all-reduce), one process per GPU."""
   if gpu_count() < 2:
     pytest.skip(f"needs 2 GPUs (XLA collectives fail on a shared GPU), found {gpu_count()}")
   run = launch("native", 2, tmp_path, gpus=2, timeout_s=240,

@@ -122,7 +122,8 @@ class Checks:
     got, want = np.asarray(got), np.asarray(want)
     self.count += 1
     if got.shape != want.shape or got.dtype != want.dtype:
-      self.failures.append(f"{what}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)}")
+      self.failures.append(
+          f"{what}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)}")
       return
     bad = np.argwhere(bits(got) != bits(want))
     if bad.size:
@@ -466,7 +467,10 @@ def case_many_calls(ctx):
 
 
 def case_exchange_timeout(ctx):
-  """A rank that never reaches a key-value exchange (as in get_buffer): the others fail in bounded time, naming it."""
+  """A rank never reaches a key-value exchange (as in get_buffer): the others fail in bounded time.
+
+  Their error names it.
+  """
   victim, wait = ctx.ep - 1, 2.0
   c = Checks()
   if ctx.rank != victim:
@@ -516,16 +520,21 @@ def _survive(ctx, victim: int, c: Checks, run) -> dict:
     raised = ""
   except Exception as e:  # noqa: BLE001 - XLA reports the handler's error as a runtime error.
     raised = str(e)
-  who = f"waiting for process {ctx.mesh.devices.flat[victim].process_index} (group position {victim})"
+  process = ctx.mesh.devices.flat[victim].process_index
+  who = f"waiting for process {process} (group position {victim})"
   c.true(f"the call gave up after {gave_up:.1f} s, not within {short:g} s + 60 s",
          gave_up < short + 60)
-  c.true(f"last_error() names the missing rank: {recorded!r}", "timed out" in recorded and who in recorded)
+  c.true(f"last_error() names the missing rank: {recorded!r}",
+         "timed out" in recorded and who in recorded)
   c.true(f"the next call fails naming it: {raised[:800]!r}", "gave up" in raised and who in raised)
   return {"gave_up_s": round(gave_up, 2)}
 
 
 def case_straggler(ctx):
-  """The last rank skips one call: the others fail in bounded time naming it; after a reset all run again."""
+  """The last rank skips one call: the others fail in bounded time, naming it.
+
+  After a reset, every rank runs the call again, correctly.
+  """
   victim = ctx.ep - 1
   run, check = _timeout_program(ctx)
   ctx.get_buffer(ctx.args.short_timeout)  # Same group: only the timeout changes.
