@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# One whole GPU round on the device machine, in one call (fits in ~9 minutes):
+# One whole GPU round on the device machine, in one call (fits in ~9.5 minutes):
 #
 #   info   nvidia-smi -L, nvidia-smi topo -m, environment and versions      -> $OUT/env.txt
 #   build  python3 -m pip install --no-build-isolation --no-deps -v .       -> $OUT/build.log
 #          (reuses ./build when it was carried; then probes the installed package and native backend)
-#   tests  python3 -m pytest -m gpu -q -x --timeout 300 tests               -> $OUT/tests.log
-#   bench  python3 -m jax_moe_dispatch.bench, DESIGN §6 setting, every ep  -> $OUT/bench.{log,csv,png}
-#          size the GPUs allow (2; 4 with 4 GPUs; 8 with 8), hidden 7168 first, under a time budget
+#   tests  python3 -m pytest -m gpu -q --timeout 300 tests                  -> $OUT/tests.log
+#          (on one GPU too: grouped-GEMM kernels, native ep=1, and the multi-rank cases with
+#          N processes sharing one GPU as N ranks)
+#   bench  python3 -m jax_moe_dispatch.bench, one suite after another       -> $OUT/bench_<suite>.{log,csv}
+#          (BENCH_SUITES, default "gemm moe dispatch": grouped GEMMs, the MoE layer, dispatch/combine
+#          at every ep size the GPUs allow), under what is left of the time budget
 #
 # A failed stage skips the later ones (KEEP_GOING=1 runs them anyway). The last lines
-# printed are always a stage | status | seconds table, then the benchmark table.
+# printed are always a stage | status | seconds table, then each suite's results table.
 #
 # Usage (repository root):  bash scripts/gpu_round.sh
 # Environment:
 #   SKIP_BUILD=1 SKIP_TESTS=1 SKIP_BENCH=1   skip a stage (SKIP_BUILD runs the source tree via PYTHONPATH)
-#   BENCH_ARGS="..."    appended to the bench command line (later flags win), e.g. "--ep 2 --iters 50"
+#   BENCH_SUITES="gemm moe dispatch"         suites to run, in order
+#   BENCH_ARGS="..."    appended to every bench command line (later flags win), e.g. "--reps 3"
 #   TEST_ARGS="..."     appended to the pytest command line
-#   ROUND_BUDGET_S=540  seconds for the whole script; the bench gets what is left
+#   ROUND_BUDGET_S=570  seconds for the whole script; the bench gets what is left
 #   KEEP_GOING=1        run later stages after a failed one
-#   OUT=dir             where logs and results go (default ./bench_out); at most 8 files are written
+#   OUT=dir             where logs and results go (default ./bench_out); at most 8 files come back
 #
 # NVLink multicast must stay off on these machines: the variables below are exported
 # defensively, and nothing here changes GPU settings.
@@ -34,7 +38,7 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 # Tests and bench run from a neutral directory so that `python3 -m` imports the
 # installed package (with its native library), not the source tree.
 RUN_DIR=$(mktemp -d /tmp/jmd_round.XXXXXX)
-ROUND_BUDGET_S=${ROUND_BUDGET_S:-540}
+ROUND_BUDGET_S=${ROUND_BUDGET_S:-570}
 PY=${PYTHON:-python3}
 ROUND_START=$SECONDS
 
@@ -147,21 +151,31 @@ stage_tests() {
 }
 
 stage_bench() {
-  local n eps left soft rc
+  local n eps left rc suites=(${BENCH_SUITES:-gemm moe dispatch}) i=0 status=0
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   if (( n >= 8 )); then eps=2,4,8; elif (( n >= 4 )); then eps=2,4; elif (( n >= 2 )); then eps=2; else eps=1; fi
-  left=$(( $(remaining) - 15 ))
-  soft=$(( left - 75 ))
-  if (( soft < 30 )); then echo "only ${left}s left: not enough for the bench"; return 4; fi
-  echo "bench: ep $eps, soft budget ${soft}s, hard limit ${left}s"
-  # shellcheck disable=SC2086
-  ( cd "$RUN_DIR" && timeout -s INT -k 15 "$left" "$PY" -m jax_moe_dispatch.bench \
-      --ep "$eps" --hidden-sweep 7168,4096,2048 --num-sms 24 \
-      --csv "$OUT_DIR/bench.csv" --plot "$OUT_DIR/bench.png" --time-budget "$soft" \
-      ${BENCH_ARGS:-} ) 2>&1 | tee "$OUT_DIR/bench.log"
-  rc=$?
-  [[ $rc == 1 ]] && STAGE_STATUS="FAIL(correctness/error: see bench.log)"
-  return $rc
+  for suite in "${suites[@]}"; do
+    left=$(( $(remaining) - 15 ))
+    # Each suite gets an equal share of what is left (the last one all of it).
+    local share=$(( left / (${#suites[@]} - i) )) soft
+    i=$((i + 1))
+    soft=$(( share - 45 ))
+    if (( soft < 30 )); then echo "only ${left}s left: suite $suite skipped"; status=4; continue; fi
+    local extra=()
+    case $suite in
+      dispatch) extra=(--ep "$eps" --hidden-sweep 7168,4096,2048 --num-sms 24) ;;
+      moe) extra=(--ep "1${eps:+,$eps}") ; [[ $eps == 1 ]] && extra=(--ep 1) ;;
+    esac
+    echo "bench $suite: soft budget ${soft}s, hard limit ${share}s"
+    # shellcheck disable=SC2086
+    ( cd "$RUN_DIR" && timeout -s INT -k 15 "$share" "$PY" -m jax_moe_dispatch.bench --suite "$suite" \
+        "${extra[@]}" --csv "$OUT_DIR/bench_$suite.csv" --time-budget "$soft" ${BENCH_ARGS:-} ) 2>&1 \
+        | tee "$OUT_DIR/bench_$suite.log"
+    rc=$?
+    [[ $rc != 0 ]] && status=$rc
+  done
+  [[ $status == 1 ]] && STAGE_STATUS="FAIL(correctness/error: see bench_*.log)"
+  return $status
 }
 
 if [[ -n ${SKIP_BUILD:-} && $SKIP_BUILD != 0 ]]; then
@@ -185,15 +199,15 @@ run_stage bench SKIP_BENCH stage_bench
   echo "$NATIVE_LINE"
   if [[ -f $OUT_DIR/tests.log ]]; then echo "tests: $(grep -v '^\s*$' "$OUT_DIR/tests.log" | tail -n 1)"; fi
   echo "files: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
-  echo "===== BENCHMARK ====="
-  if [[ -f $OUT_DIR/bench.log ]] && grep -q '^==== RESULTS ====' "$OUT_DIR/bench.log"; then
-    sed -n '/^==== RESULTS ====/,/^==== END RESULTS ====/p' "$OUT_DIR/bench.log" | sed '1d;$d'
-  elif [[ -f $OUT_DIR/bench.csv ]]; then
-    echo "(the bench did not finish; rows written so far:)"
-    "$PY" "$REPO/scripts/bench_to_md.py" "$OUT_DIR/bench.csv"
-  else
-    echo "(no benchmark results)"
-  fi
+  for log in "$OUT_DIR"/bench_*.log; do
+    [[ -f $log ]] || continue
+    echo "===== BENCHMARK $(basename "$log" .log) ====="
+    if grep -q '^==== RESULTS ====' "$log"; then
+      sed -n '/^==== RESULTS ====/,/^==== END RESULTS ====/p' "$log" | sed '1d;$d' | grep -vE '^(date|device|jax|command):'
+    else
+      echo "(the suite did not finish; last lines:)"; tail -n 8 "$log"
+    fi
+  done
 } | tee "$OUT_DIR/summary.txt"
 rm -rf "$RUN_DIR"
 [[ -z $FAILED ]]
