@@ -319,6 +319,7 @@ def hybrid_dispatch(x, routing_map, probs, num_local, max_recv=None, num_rows=No
   """
   routing_map = np.asarray(routing_map, bool)
   probs = np.asarray(probs)
+  scales = None if scales is None else np.asarray(scales)
   num_ranks, num_tokens, num_experts = routing_map.shape
   assert num_experts == num_ranks * num_local, (routing_map.shape, num_local)
   mask = routing_map.reshape(num_ranks, num_tokens, num_ranks, num_local).any(axis=-1)
@@ -326,9 +327,11 @@ def hybrid_dispatch(x, routing_map, probs, num_local, max_recv=None, num_rows=No
   m = lay.max_recv
   if num_rows is None:
     num_rows = max_permuted_rows(m, num_local, topk, pad_multiple)
-  recv_x = move(lay, x)
-  recv_scales = None if scales is None else move(lay, scales)
-  perms, px, pprobs, pscales = [], [], [], []
+  x = np.asarray(x)
+  px = np.zeros((num_ranks, num_rows) + x.shape[2:], x.dtype)
+  pprobs = np.zeros((num_ranks, num_rows), probs.dtype)
+  pscales = None if scales is None else np.zeros((num_ranks, num_rows) + scales.shape[2:], scales.dtype)
+  perms = []
   for d in range(num_ranks):
     rs, ts = lay.kept(d)
     cols = slice(d * num_local, (d + 1) * num_local)
@@ -338,14 +341,16 @@ def hybrid_dispatch(x, routing_map, probs, num_local, max_recv=None, num_rows=No
     local_probs[:len(rs)] = probs[rs, ts, cols]
     perm = permutation(local_map, num_rows, pad_multiple)
     perms.append(perm)
-    px.append(permute_rows(recv_x[d], perm))
-    pprobs.append(permute_values(local_probs, perm))
+    # Permuted row p holds receive row src[p], which holds token ts[src[p]] of rank rs[src[p]].
+    src = perm["src_row"]
+    written = src >= 0
+    px[d, written] = x[rs[src[written]], ts[src[written]]]
     if scales is not None:
-      pscales.append(permute_rows(recv_scales[d], perm))
+      pscales[d, written] = scales[rs[src[written]], ts[src[written]]]
+    pprobs[d] = permute_values(local_probs, perm)
   return dict(
       layout=lay, perms=perms, num_rows=num_rows, num_local=num_local,
-      permuted_x=np.stack(px), permuted_probs=np.stack(pprobs),
-      permuted_scales=None if scales is None else np.stack(pscales),
+      permuted_x=px, permuted_probs=pprobs, permuted_scales=pscales,
       tokens_per_expert=np.stack([p["tokens_per_expert"] for p in perms]),
       perm_row=np.stack([p["perm_row"] for p in perms]),
       src_row=np.stack([p["src_row"] for p in perms]),
