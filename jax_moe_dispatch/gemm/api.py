@@ -140,20 +140,31 @@ def _dgrad(plan: _Plan, dy, w, group_sizes, x_dtype):
   return out[:num_rows]
 
 
-def _wgrad(plan: _Plan, x, dy, group_sizes, w_dtype):
+def _wgrad(plan: _Plan, x, dy, group_sizes, w):
   if plan.why_not_wgrad:
-    _, pullback = jax.vjp(lambda w: _ragged(x, w, group_sizes, dy.dtype),
-                          jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), w_dtype))
+    _, pullback = jax.vjp(lambda w: _ragged(x, w, group_sizes, dy.dtype), w)
     return pullback(dy)[0]
   return mosaic.tgmm(_pad_rows(x, plan.row_multiple), _pad_rows(dy, plan.row_multiple),
-                     group_sizes, out_dtype=w_dtype, cfg=plan.wgrad_cfg, num_sms=plan.num_sms,
+                     group_sizes, out_dtype=w.dtype, cfg=plan.wgrad_cfg, num_sms=plan.num_sms,
                      interpret=plan.interpret)
+
+
+def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
+  """``value`` typed as varying over every mesh axis some of ``primals`` vary over.
+
+  Inside ``shard_map`` (with its varying-axes check), a kernel's result carries
+  no varying axes, but a cotangent must vary where its primal does and an output
+  where its inputs do.
+  """
+  want = frozenset().union(*(getattr(jax.typeof(p), "vma", frozenset()) for p in primals))
+  missing = tuple(sorted(want - getattr(jax.typeof(value), "vma", frozenset())))
+  return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul(x, w, group_sizes, out_dtype, implementation):
   plan = _Plan(x, w, group_sizes, out_dtype, implementation)
-  return _forward(plan, x, w, group_sizes, out_dtype)
+  return _like(_forward(plan, x, w, group_sizes, out_dtype), x, w, group_sizes)
 
 
 def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation):
@@ -164,8 +175,8 @@ def _grouped_matmul_bwd(out_dtype, implementation, res, dy):
   x, w, group_sizes = res
   plan = _Plan(x, w, group_sizes, out_dtype, implementation)
   dy = dy.astype(x.dtype)
-  dx = _dgrad(plan, dy, w, group_sizes, x.dtype)
-  dw = _wgrad(plan, x, dy, group_sizes, w.dtype)
+  dx = _like(_dgrad(plan, dy, w, group_sizes, x.dtype), x)
+  dw = _like(_wgrad(plan, x, dy, group_sizes, w), w)
   return dx, dw, None
 
 
