@@ -143,7 +143,7 @@ stage_tests() {
   fi
   echo "pytest hard limit ${left}s"
   # shellcheck disable=SC2086
-  ( cd "$RUN_DIR" && timeout -k 10 "$left" "$PY" -m pytest -m gpu -q -x "${per_test[@]}" \
+  ( cd "$RUN_DIR" && timeout -k 10 "$left" "$PY" -m pytest -m gpu -q "${per_test[@]}" \
       -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" ${TEST_ARGS:-} ) 2>&1 | tee "$OUT_DIR/tests.log"
   rc=$?
   if [[ $rc == 5 ]]; then STAGE_STATUS="NO TESTS(-m gpu)"; return 0; fi
