@@ -94,6 +94,9 @@ def add_arguments(group) -> None:
   group.add_argument("--gemm-zipf", type=float, default=0.8, help="Zipf exponent of the skewed group sizes")
   group.add_argument("--gemm-pad", type=int, default=4,
                      help="the skewed_pad layout's static rows, as a multiple of N")
+  group.add_argument("--gemm-layouts", default=",".join(LAYOUTS),
+                     type=lambda t: [v for v in t.split(",") if v in LAYOUTS] or list(LAYOUTS),
+                     help=f"group layouts to run, from {','.join(LAYOUTS)}")
   group.add_argument("--gemm-impl", default="auto", choices=("auto", "mosaic", "xla"),
                      help="grouped_matmul's implementation for the 'ours' rows")
   group.add_argument("--gemm-iters", type=int, default=10, help="calls per timed loop (gemm suite)")
@@ -102,7 +105,7 @@ def add_arguments(group) -> None:
 def setting(args: argparse.Namespace) -> str:
   shapes = " ".join("x".join(map(str, s)) for s in args.gemm_shapes)
   return (f"setting: grouped GEMM x[N,K] @ w[G,K,M], bf16, f32 accumulate; shapes {shapes}; "
-          f"layouts {','.join(LAYOUTS)} (Zipf {args.gemm_zipf}, pad x{args.gemm_pad}); "
+          f"layouts {','.join(args.gemm_layouts)} (Zipf {args.gemm_zipf}, pad x{args.gemm_pad}); "
           f"ours = grouped_matmul(implementation={args.gemm_impl!r})")
 
 
@@ -206,7 +209,7 @@ def run(session: Session) -> None:
       einsum_ms[passes] = row.time_ms
       session.add(row, f"gemm {n}x{k}x{m}x{g}")
     del x_e, dy_e
-    for layout in LAYOUTS:
+    for layout in args.gemm_layouts:
       if session.over_budget():
         break
       rows = n * (args.gemm_pad if layout == "skewed_pad" else 1)
