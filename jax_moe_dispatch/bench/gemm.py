@@ -143,15 +143,6 @@ def _einsum_fwd_bwd(x, w, dy):
   return (y, *pullback(dy))
 
 
-def _scratch_bytes(fn: Callable, args: Sequence) -> int:
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
-def _device_bytes(session: Session) -> float:
-  stats = session.devices[0].memory_stats() or {}
-  return float(stats.get("bytes_limit", 0)) or math.inf
-
-
 def _check(outs, x, w, dy, sizes, rng) -> str:
   """Ours against float64 on sampled rows (y, dx) and columns (dw); '' when right."""
   y, dx, dw = outs
@@ -190,7 +181,6 @@ def _check(outs, x, w, dy, sizes, rng) -> str:
 def run(session: Session) -> None:
   args = session.args
   rng = np.random.default_rng(args.seed)
-  memory = _device_bytes(session)
   if session.on_cpu:
     session.note("on CPU grouped_matmul runs jax.lax.ragged_dot (the Hopper kernels need a GPU)")
   for n, k, m, g in args.gemm_shapes:
@@ -225,11 +215,10 @@ def run(session: Session) -> None:
                                         ("fwd+bwd", _fwd_bwd(fwd), (x, w, gs, dy), 3)):
           row = Row(impl, passes, layout, rows, k, m, g, n)
           try:
-            row.scratch_gib = _scratch_bytes(fn, fargs) / 2**30
-            if impl == "ragged_dot" and row.scratch_gib * 2**30 > 0.6 * memory:
+            scratch = timing.scratch_bytes(fn, fargs)
+            row.scratch_gib = scratch / 2**30
+            if not session.fits(scratch, f"{impl} {passes} {n}x{k}x{m}x{g}"):
               row.note = f"not run: needs {row.scratch_gib:.0f} GiB scratch"
-              session.note(f"ragged_dot {passes} {n}x{k}x{m}x{g} not run: XLA wants "
-                           f"{row.scratch_gib:.0f} GiB of scratch (device has {memory / 2**30:.0f})")
               session.add(row, f"gemm {n}x{k}x{m}x{g}")
               continue
             if impl == "ours" and passes == "fwd+bwd" and args.check:

@@ -152,8 +152,6 @@ def run(session: Session) -> None:
   args = session.args
   gemm_impl = getattr(args, "gemm_impl", "auto")
   rng = np.random.default_rng(args.seed)
-  stats = session.devices[0].memory_stats() or {}
-  memory = float(stats.get("bytes_limit", 0)) or math.inf
   t, h, f, e, k = args.moe_tokens, args.moe_hidden, args.moe_ffn, args.moe_experts, args.moe_topk
   for ep in args.ep:
     if session.over_budget():
@@ -183,10 +181,10 @@ def run(session: Session) -> None:
           step, _, params = _layer_step(args, mesh, gemm_impl if impl == "layer" else "xla")
           fn, fargs = step, (params, x, dy)
         row.rows, row.real_rows = n_rows, real_rows
-        row.scratch_gib = jax.jit(fn).lower(*fargs).compile().memory_analysis().temp_size_in_bytes / 2**30
-        if row.scratch_gib * 2**30 > 0.6 * memory:
+        scratch = timing.scratch_bytes(fn, fargs)
+        row.scratch_gib = scratch / 2**30
+        if not session.fits(scratch, f"moe {impl} ep={ep}"):
           row.note = f"not run: needs {row.scratch_gib:.0f} GiB scratch"
-          session.note(f"moe {impl} ep={ep} not run: XLA wants {row.scratch_gib:.0f} GiB of scratch")
         else:
           lt = timing.device_time(fn, fargs, iters=args.moe_iters, reps=args.reps)
           row.time_ms = lt.median_s * 1e3

@@ -46,6 +46,16 @@ class Session:
     """Whether ``--time-budget`` seconds are spent (never, when it is 0)."""
     return self.args.time_budget > 0 and self.elapsed() > self.args.time_budget
 
+  def fits(self, scratch_bytes: float, what: str) -> bool:
+    """Whether ``scratch_bytes`` fit on the first device (at most 60% of its memory limit); notes it when not."""
+    stats = self.devices[0].memory_stats() or {}
+    limit = float(stats.get("bytes_limit", 0)) or float("inf")
+    if scratch_bytes <= 0.6 * limit:
+      return True
+    self.note(f"{what} not run: XLA wants {scratch_bytes / 2**30:.0f} GiB of scratch "
+              f"(device limit {limit / 2**30:.0f} GiB)")
+    return False
+
   def progress(self, msg: str) -> None:
     report.log(f"[{self.elapsed():7.1f}s] {msg}")
 

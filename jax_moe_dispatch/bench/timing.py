@@ -130,6 +130,11 @@ def device_time(fn: Callable[..., Any], args: Sequence[Any], *, iters: int, reps
   return LoopTime(statistics.median(per_call), min(per_call), max(per_call), copies)
 
 
+def scratch_bytes(fn: Callable[..., Any], args: Sequence[Any]) -> int:
+  """XLA's temporary memory for one jitted call of ``fn(*args)`` (compiled, not run)."""
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 def host_time(jitted: Callable[..., Any], args: Sequence[Any], n: int) -> float:
   """Median seconds of ``n`` single calls of ``jitted(*args)``, each waited for (NaN if n is 0)."""
   times = []
