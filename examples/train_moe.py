@@ -71,7 +71,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_moe_dispatch as jmd  # noqa: E402
-from jax_moe_dispatch.layers import MoELayer, partition_specs, reduce_gradients  # noqa: E402
+from jax_moe_dispatch.nn.layers import MoELayer, partition_specs, reduce_gradients  # noqa: E402
 
 
 class Block(nnx.Module):
@@ -125,7 +125,7 @@ def select_devices(kind: str, ep: int | None):
 def setup_buffers(mesh, hidden_bytes: int, max_num_tokens: int) -> str:
   """Set up the native dispatch buffers on GPUs (if this build has them); returns a status line."""
   try:
-    from jax_moe_dispatch.buffer import get_buffer
+    from jax_moe_dispatch.backends.buffer import get_buffer
   except (ImportError, AttributeError) as e:
     return f"no native buffers ({e})"
   get_buffer(mesh, hidden_bytes, axis_name="ep", max_num_tokens=max_num_tokens)

@@ -5,7 +5,7 @@ buffer lifecycle) and :mod:`jax_moe_dispatch.token_dispatcher` (the flex token
 dispatcher and its config); their main names are exported here too.
 """
 
-from jax_moe_dispatch.fp8 import dequantize_fp8, quantize_fp8
+from jax_moe_dispatch.core.fp8 import dequantize_fp8, quantize_fp8
 from jax_moe_dispatch.fused_a2a import (
     HAVE_DEEP_EP,
     HAVE_HYBRIDEP,

@@ -12,8 +12,8 @@ import math
 import typing
 from typing import Literal, Optional
 
-from jax_moe_dispatch import routing
 from jax_moe_dispatch.backends import IMPLEMENTATIONS, Implementation, default_num_sms
+from jax_moe_dispatch.core import routing
 
 DispatcherBackend = Literal["deepep", "hybridep", "uccl_ep"]
 RouterDtype = Optional[Literal["fp32", "fp64"]]

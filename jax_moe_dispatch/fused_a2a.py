@@ -10,11 +10,11 @@ Call the ops per rank inside :func:`jax.shard_map` (or :func:`jax.pmap`) with
 the expert-parallel axis name; experts are sharded contiguously, rank ``r``
 owning global experts ``[r * L, (r + 1) * L)`` with ``L = num_experts /
 ep_size``. Shapes are static; nothing here synchronises with the host. An op
-is a :func:`jax_moe_dispatch.transport.dispatch` or
-:func:`~jax_moe_dispatch.transport.combine` (one ``custom_vjp`` pair, each the
+is a :func:`jax_moe_dispatch.core.transport.dispatch` or
+:func:`~jax_moe_dispatch.core.transport.combine` (one ``custom_vjp`` pair, each the
 other's backward) plus plain JAX around it, so gradients come from autodiff.
 Layouts: :mod:`jax_moe_dispatch.backends.base` and
-:mod:`jax_moe_dispatch.permute`.
+:mod:`jax_moe_dispatch.core.permute`.
 
 What shapes a trace is an argument: ``implementation`` and ``num_sms`` (the
 native kernels' SM budget; ``None`` takes the default of
@@ -30,14 +30,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jax_moe_dispatch import permute as _perm
-from jax_moe_dispatch import routing
 from jax_moe_dispatch.backends import (DispatchHandle, default_num_sms, set_deepep_num_sms,
                                        set_hybridep_num_sms)
-from jax_moe_dispatch.buffer import (free_buffer, get_buffer, get_hidden_bytes,
-                                     init_hybrid_ep_buffer, reset_hybrid_ep_buffer)
-from jax_moe_dispatch.routing import Rows
-from jax_moe_dispatch.transport import Transport, combine, dispatch
+from jax_moe_dispatch.backends.buffer import (free_buffer, get_buffer, get_hidden_bytes,
+                                              init_hybrid_ep_buffer, reset_hybrid_ep_buffer)
+from jax_moe_dispatch.core import permute as _perm
+from jax_moe_dispatch.core import routing
+from jax_moe_dispatch.core.routing import Rows
+from jax_moe_dispatch.core.transport import Transport, combine, dispatch
 
 __all__ = [
     "HAVE_DEEP_EP",
@@ -218,7 +218,7 @@ def hybrid_ep_dispatch(
       the rows.
     num_permuted_tokens: static rows ``N`` of the permuted buffer. Default:
       the worst case for ``topk`` experts per token (see
-      :func:`jax_moe_dispatch.permute.max_permuted_rows`); one of the two is
+      :func:`jax_moe_dispatch.core.permute.max_permuted_rows`); one of the two is
       required. Rows past ``N`` are dropped (last experts' last rows first).
     pad_multiple: pad each expert's group to a multiple of this (default 1).
     topk: most experts one token is routed to; sizes the default ``N``.

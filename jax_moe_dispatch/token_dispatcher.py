@@ -21,7 +21,7 @@ used from inside jit, grad, scan and ``flax.linen`` modules alike.
 Both backends give identical results (rows, probabilities, group sizes and
 combined output), because they share one receive layout
 (:mod:`jax_moe_dispatch.backends.base`) and one permutation
-(:func:`jax_moe_dispatch.permute.group_by_expert`):
+(:func:`jax_moe_dispatch.core.permute.group_by_expert`):
 
 * ``deepep``: :func:`~jax_moe_dispatch.fused_dispatch` with top-k indices, then
   ``dispatch_postprocess`` permutes the received rows into expert-major groups.
@@ -48,9 +48,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_moe_dispatch import permute as _perm
-from jax_moe_dispatch import routing
 from jax_moe_dispatch.config import TokenDispatcherConfig
+from jax_moe_dispatch.core import permute as _perm
+from jax_moe_dispatch.core import routing
 from jax_moe_dispatch.fused_a2a import (
     fused_combine,
     fused_dispatch,
@@ -136,7 +136,7 @@ def apply_capacity(token_indices: jax.Array, token_probs: jax.Array, num_experts
 def permuted_rows(config: TokenDispatcherConfig, num_tokens: int, ep_size: int) -> int:
   """Static rows ``N`` of the expert-major buffer for ``num_tokens`` tokens per rank.
 
-  The worst case :func:`jax_moe_dispatch.permute.max_permuted_rows` of the
+  The worst case :func:`jax_moe_dispatch.core.permute.max_permuted_rows` of the
   receive buffer; with a capacity factor at most
   ``L * capacity * ep_size`` real rows plus ``L * (pad - 1)`` padding, the
   smaller bound wins.

@@ -25,8 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_moe_dispatch as jmd
-from jax_moe_dispatch import buffer
-from jax_moe_dispatch.backends import native
+from jax_moe_dispatch.backends import buffer, native
 from jax_moe_dispatch.bench import timing
 
 

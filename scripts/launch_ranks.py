@@ -8,7 +8,7 @@ Each process gets, in its environment:
 
 * ``JAX_COORDINATOR_ADDRESS`` (``127.0.0.1:<free port>``), ``JMD_NUM_PROCESSES``
   and ``JMD_PROCESS_ID``: what :func:`jax.distributed.initialize` needs
-  (:func:`jax_moe_dispatch.distributed.initialize_from_launcher` reads them);
+  (:func:`jax_moe_dispatch.backends.distributed.initialize_from_launcher` reads them);
 * with ``--gpus G``: ``JAX_LOCAL_DEVICE_IDS`` (GPU ``i * G // N`` for process
   ``i``: N/G processes share each GPU, each as its own rank),
   ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` and

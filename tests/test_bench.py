@@ -94,7 +94,7 @@ def test_cpu_tiny_run(tmp_path):
 # loudly, and the exit status must be 1.
 _BROKEN = """
 import sys
-import jax_moe_dispatch.permute as p
+import jax_moe_dispatch.core.permute as p
 orig = p.permute
 def bad(rows, perm):
   out = orig(rows, perm)

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 
 from jax_moe_dispatch import TokenDispatcherConfig
 from jax_moe_dispatch.token_dispatcher import DispatchState, MoEFlexTokenDispatcher, apply_capacity
-from jax_moe_dispatch.layers import MoELayer, partition_specs
+from jax_moe_dispatch.nn.layers import MoELayer, partition_specs
 
 EP = 4
 

@@ -7,7 +7,7 @@ import functools
 import _harness as H  # Sets XLA_FLAGS before jax is imported.
 import jax.numpy as jnp
 import numpy as np
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 import pytest
 
 from jax_moe_dispatch import dequantize_fp8, fused_combine, fused_dispatch, quantize_fp8

@@ -11,7 +11,7 @@ import jax
 import jax.test_util  # noqa: F401  (not imported by `import jax` in 0.10)
 import jax.numpy as jnp
 import numpy as np
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 import pytest
 
 from jax_moe_dispatch import fused_combine, fused_dispatch

@@ -192,7 +192,7 @@ def test_gpu_grouped_experts_layer_matches_float64():
   _hopper_or_skip()
   from flax import nnx
 
-  from jax_moe_dispatch.layers import GroupedExperts
+  from jax_moe_dispatch.nn.layers import GroupedExperts
 
   experts = GroupedExperts(4, 256, 128, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                            gemm_implementation="mosaic")

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import jax.test_util  # noqa: F401
 import numpy as np
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 import pytest
 
 from jax_moe_dispatch import fused_dispatch, hybrid_ep_combine, hybrid_ep_dispatch
-from jax_moe_dispatch import permute as perm_lib
+from jax_moe_dispatch.core import permute as perm_lib
 
 
 @dataclasses.dataclass(frozen=True)

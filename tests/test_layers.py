@@ -9,8 +9,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jax_moe_dispatch import TokenDispatcherConfig
-from jax_moe_dispatch.layers import (ExpertParam, GroupedExperts, MoELayer, TopKRouter,
-                                     partition_specs, reduce_gradients)
+from jax_moe_dispatch.nn.layers import (ExpertParam, GroupedExperts, MoELayer, TopKRouter,
+                                        partition_specs, reduce_gradients)
 
 EP = 4
 

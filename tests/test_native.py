@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import jax.test_util  # noqa: F401
 import numpy as np
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 import pytest
 from conftest import gpu_count
 
 import jax_moe_dispatch as jmd
-from jax_moe_dispatch import buffer
+from jax_moe_dispatch.backends import buffer
 
 pytestmark = pytest.mark.gpu
 
@@ -203,8 +203,7 @@ def test_peer_that_never_arrives_fails_fast():
       import faulthandler, os, sys
       faulthandler.enable()
       import jax, jax.numpy as jnp, numpy as np
-      from jax_moe_dispatch import buffer
-      from jax_moe_dispatch.backends import native
+      from jax_moe_dispatch.backends import buffer, native
       gpus = jax.devices("gpu")[:2]
       buffer.get_buffer(gpus, 256, timeout_s=2.0)
       native.native_available()  # Registers the FFI targets.

@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from jax_moe_dispatch import buffer
-from jax_moe_dispatch.backends import native
+from jax_moe_dispatch.backends import buffer, native
 
 REQUIRED = os.environ.get("JMD_REQUIRE_CUDA") == "1"
 

@@ -1,4 +1,4 @@
-"""The local expert-major permutation (jax_moe_dispatch.permute) vs the numpy oracle."""
+"""The local expert-major permutation (jax_moe_dispatch.core.permute) vs the numpy oracle."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import _harness as H  # Sets XLA_FLAGS before jax is imported.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 import pytest
 
-from jax_moe_dispatch import permute as P
+from jax_moe_dispatch.core import permute as P
 
 
 def random_map(rng, m, num_local, num_recv, density):

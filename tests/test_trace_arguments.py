@@ -1,7 +1,7 @@
 """What shapes a trace reaches the ops as arguments; process state is only looked up.
 
 The SM budget and the implementation come from ``TokenDispatcherConfig`` (or
-an op's arguments) into a static :class:`~jax_moe_dispatch.transport.Transport`;
+an op's arguments) into a static :class:`~jax_moe_dispatch.core.transport.Transport`;
 ``set_*_num_sms`` only set defaults read when a config is built or an op is
 called; ``"auto"`` is decided by platform and build, and a missing buffer is an
 error naming ``get_buffer``. The hybrid backward pass has no dense ``[M, E]``.
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import jax_moe_dispatch as jmd
-from jax_moe_dispatch import backends, transport
-from jax_moe_dispatch.backends import native
+from jax_moe_dispatch import backends
+from jax_moe_dispatch.backends import buffer, native
+from jax_moe_dispatch.core import transport
 from jax_moe_dispatch.token_dispatcher import MoEFlexTokenDispatcher
 
 EP, T, HID, K, E = 2, 5, 4, 2, 8
@@ -135,7 +136,7 @@ def test_auto_with_native_kernels_but_no_buffer_is_an_error(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(native, "native_available", lambda: True)
   assert backends.get_backend("auto", num_sms=9).name == "native"
-  assert not jmd.buffer.has_buffer()
+  assert not buffer.has_buffer()
   with pytest.raises(RuntimeError, match=r"no native buffers.*Fix: call .*get_buffer"):
     transport.Transport("ep", "auto", 9).backend()
 

@@ -4,11 +4,11 @@
 XLA FFI) implement :class:`~jax_moe_dispatch.backends.base.Backend`. Which one
 runs depends only on what cannot change while a process runs: the requested
 implementation, JAX's default platform and whether the CUDA extension is
-built. The native backend's buffers (:mod:`jax_moe_dispatch.buffer`) are
+built. The native backend's buffers (:mod:`jax_moe_dispatch.backends.buffer`) are
 process state that it looks up; they never decide which backend runs.
 
 This package imports nothing above it: the ops reach it through
-:mod:`jax_moe_dispatch.transport`, and :mod:`jax_moe_dispatch.buffer` imports
+:mod:`jax_moe_dispatch.core.transport`, and :mod:`jax_moe_dispatch.backends.buffer` imports
 :mod:`~jax_moe_dispatch.backends.native`, never the other way round.
 How to add a backend: ``docs/architecture.md``.
 """

@@ -3,7 +3,7 @@
 A backend moves rows between the ranks of one expert-parallel axis. It knows
 nothing about experts: the public ops in :mod:`jax_moe_dispatch.fused_a2a`
 turn routing decisions into a *destination mask*, payloads and
-per-destination slices, call a backend through :mod:`jax_moe_dispatch.transport`
+per-destination slices, call a backend through :mod:`jax_moe_dispatch.core.transport`
 (which makes the primitives differentiable), and turn the result back into
 expert terms. So the three primitives below are the whole surface a backend
 (reference or native) must provide, and they are called per rank, inside

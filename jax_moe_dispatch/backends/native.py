@@ -22,7 +22,7 @@ Both ops pull (loads over NVLink): on H200 pairs loads reached about 240 GB/s
 per direction where stores from the same number of SMs reached about 160.
 
 When the expert axis spans processes (one rank per process, see
-:mod:`jax_moe_dispatch.buffer`), the same kernels and protocol run; the only
+:mod:`jax_moe_dispatch.backends.buffer`), the same kernels and protocol run; the only
 difference is where peers find a rank's inputs: XLA's buffers cannot be shared
 through CUDA IPC, so each call first copies its inputs (dispatch: payloads and
 routing slices; combine: the rows) into the rank's IPC-mapped staging buffer,

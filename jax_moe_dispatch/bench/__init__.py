@@ -16,7 +16,7 @@ bar chart (``--plot``). The modules, one job each:
 * the ``dispatch`` suite: :mod:`.dispatch` (rows, flags, the plan of each
   configuration, timing), :mod:`.dispatch_case` (one configuration's data and
   ops), :mod:`.ops` (every call of the library's public API, and the JAX
-  baselines) and :mod:`.checks` (outputs against :mod:`jax_moe_dispatch.oracle`,
+  baselines) and :mod:`.checks` (outputs against :mod:`jax_moe_dispatch.testing.oracle`,
   the NumPy oracle the tests use too).
 
 Adding a table: write a module that defines a row dataclass, its printed

@@ -1,4 +1,4 @@
-"""The dispatch suite's correctness guard: device outputs against :mod:`jax_moe_dispatch.oracle`.
+"""The dispatch suite's correctness guard: outputs against :mod:`jax_moe_dispatch.testing.oracle`.
 
 Every comparison is bit for bit. Copied payloads (rows, FP8 rows and scales,
 probabilities) must have the oracle's bits; integer outputs its values; sums
@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 
 
 class CheckFailed(Exception):

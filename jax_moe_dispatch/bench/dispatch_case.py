@@ -4,7 +4,7 @@ A :class:`Case` draws fresh routing and tokens for one (ep size, hidden size),
 builds each timed op as a per-rank function with its global arguments (what
 an op needs first, e.g. combine's input rows, is computed untimed), keeps the
 output of one untimed call of each op (the input of dependent ops and of the
-checks), and checks outputs against :mod:`jax_moe_dispatch.oracle` and the
+checks), and checks outputs against :mod:`jax_moe_dispatch.testing.oracle` and the
 reference backend.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_moe_dispatch import oracle
+from jax_moe_dispatch.testing import oracle
 from jax_moe_dispatch.bench import checks, ops
 
 # Checked against the oracle only: the reference backend (what the native one is compared

@@ -1,6 +1,6 @@
 """The moe suite: an MoE layer's training step (router, dispatch, experts, combine; fwd+bwd).
 
-For each ep size (``--ep``), one :class:`~jax_moe_dispatch.layers.MoELayer`
+For each ep size (``--ep``), one :class:`~jax_moe_dispatch.nn.layers.MoELayer`
 (bf16 parameters and activations, SwiGLU experts) runs forward and backward
 (gradients of every parameter and of the input) per rank under ``jax.jit`` +
 ``jax.shard_map``, with the dispatcher's ``implementation="auto"`` (native
@@ -38,7 +38,7 @@ from jax_moe_dispatch import grouped_matmul
 from jax_moe_dispatch.bench import report, timing
 from jax_moe_dispatch.bench.session import Session, Suite
 from jax_moe_dispatch.config import TokenDispatcherConfig
-from jax_moe_dispatch.layers import MoELayer, partition_specs
+from jax_moe_dispatch.nn.layers import MoELayer, partition_specs
 
 
 @dataclasses.dataclass

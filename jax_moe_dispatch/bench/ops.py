@@ -13,8 +13,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jax_moe_dispatch import buffer, fused_a2a
-from jax_moe_dispatch.fp8 import quantize_fp8
+from jax_moe_dispatch import fused_a2a
+from jax_moe_dispatch.backends import buffer
+from jax_moe_dispatch.core.fp8 import quantize_fp8
 
 AXIS = "ep"
 

@@ -3,7 +3,7 @@
 Every process joins the ``jax.distributed`` job, builds the global mesh (one
 device per process, axis ``"ep"``), makes the inputs of *all* ranks from a
 seed, runs the ops for its own rank inside ``jit(shard_map(...))`` and checks
-its rank's outputs against the NumPy oracle (:mod:`jax_moe_dispatch.oracle`):
+its rank's outputs against the NumPy oracle (:mod:`jax_moe_dispatch.testing.oracle`):
 rows, routing metadata and handles bit for bit, combine sums bit for bit
 against float32 sums in the documented order (ascending rank) wherever the
 library fixes that order. No rank needs another rank's results, so no XLA
@@ -92,7 +92,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_moe_dispatch as jmd  # noqa: E402
-from jax_moe_dispatch import buffer, distributed, oracle  # noqa: E402
+from jax_moe_dispatch.backends import buffer, distributed  # noqa: E402
+from jax_moe_dispatch.testing import oracle  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

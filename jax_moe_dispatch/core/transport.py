@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe_dispatch import backends, buffer
-from jax_moe_dispatch.backends import Backend, DispatchHandle
+from jax_moe_dispatch import backends
+from jax_moe_dispatch.backends import Backend, DispatchHandle, buffer
 
 __all__ = ["Transport", "combine", "dispatch"]
 

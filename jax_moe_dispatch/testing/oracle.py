@@ -2,7 +2,7 @@
 
 The tests and the benchmark check the library against this module. It is
 written from the specification (the docstrings of :mod:`jax_moe_dispatch.fused_a2a`,
-:mod:`jax_moe_dispatch.permute` and :mod:`jax_moe_dispatch.backends.base`) and
+:mod:`jax_moe_dispatch.core.permute` and :mod:`jax_moe_dispatch.backends.base`) and
 imports no JAX. It lists rows explicitly: for each destination rank, its
 sources in rank order and, for each source, the tokens it sends in token order
 (``np.flatnonzero``); for each local expert, its rows in receive order. It never
@@ -234,7 +234,7 @@ def fused_dispatch_vjp(lay: Layout, token_indices, num_experts, g_x, g_probs):
 
 
 # ----------------------------------------------------------------------------
-# Expert-major permutation (permute.py) and HybridEP semantics.
+# Expert-major permutation (core/permute.py) and HybridEP semantics.
 
 
 def max_permuted_rows(max_recv, num_local, topk, pad_multiple):
@@ -404,7 +404,7 @@ def hybrid_combine_vjp(h: dict, g: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# FP8 (fp8.py): per-128-column block scales.
+# FP8 (core/fp8.py): per-128-column block scales.
 
 
 def fp8_block_of_column(hidden: int, block: int = 128) -> np.ndarray:

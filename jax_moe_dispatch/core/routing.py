@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_moe_dispatch.fp8 import FP8_BLOCK, FP8_DTYPE
+from jax_moe_dispatch.core.fp8 import FP8_BLOCK, FP8_DTYPE
 
 # A row payload: plain rows, or FP8 rows with their float32 block scales.
 Rows = Union[jax.Array, tuple[jax.Array, jax.Array]]

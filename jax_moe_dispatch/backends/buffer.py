@@ -17,7 +17,7 @@ group is run depends on who drives its GPUs:
   cannot be exported through CUDA IPC, so each rank also gets a staging buffer
   sized from ``hidden_bytes`` and ``max_num_tokens``; a call copies its inputs
   there first, and the peers map it with CUDA IPC. The handles are exchanged
-  through ``jax.distributed``'s key-value store (:mod:`jax_moe_dispatch.distributed`).
+  through ``jax.distributed``'s key-value store (:mod:`jax_moe_dispatch.backends.distributed`).
   Such a group must lie within one node.
 
 Call :func:`get_buffer` once, before tracing, with the mesh (or device list)
@@ -39,8 +39,8 @@ from typing import Optional, Sequence, Union
 import jax
 import numpy as np
 
-from jax_moe_dispatch import distributed
-from jax_moe_dispatch.backends import native, set_deepep_num_sms, set_hybridep_num_sms
+from jax_moe_dispatch.backends import (distributed, native, set_deepep_num_sms,
+                                       set_hybridep_num_sms)
 
 __all__ = [
     "Buffer",

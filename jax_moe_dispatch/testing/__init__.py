@@ -1,0 +1,1 @@
+"""Checking aids: the independent NumPy oracle (:mod:`.oracle`) that tests and the benchmark use."""
