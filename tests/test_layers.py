@@ -79,6 +79,14 @@ def test_partition_specs():
   assert isinstance(state["experts"]["w_gate_up"], ExpertParam)
 
 
+def test_old_import_path_gives_the_same_layers():
+  import jax_moe_dispatch.layers as old_path
+  from jax_moe_dispatch.nn import layers
+  assert old_path.__all__ == layers.__all__
+  for name in layers.__all__:
+    assert getattr(old_path, name) is getattr(layers, name), name
+
+
 def _dense_layer(state, x, topk):
   """The same MoE layer without dispatch: every token computes its experts directly."""
   probs_all = jax.nn.softmax(x @ state["router"]["weight"].get_value(), axis=-1)
