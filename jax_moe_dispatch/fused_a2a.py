@@ -29,6 +29,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_moe_dispatch.backends import (DispatchHandle, default_num_sms, set_deepep_num_sms,
                                        set_hybridep_num_sms)
@@ -172,6 +173,7 @@ def fused_combine(
     accumulated in float32; zeros for tokens sent nowhere. Its backward pass
     dispatches the cotangent along ``handle``.
   """
+  routing.check_handle(handle, DispatchHandle, "fused_combine", "fused_dispatch")
   routing.check_combine_rows(x, handle.max_recv, "M")
   routing.axis_size(axis_name)
   return combine(x, handle, _transport(axis_name, implementation, num_sms, "deepep"))
@@ -257,7 +259,13 @@ def hybrid_ep_dispatch(
           "hybrid_ep_dispatch needs a static size for the permuted buffer. Fix: pass "
           "num_permuted_tokens=N, or topk=K (experts per token) to use the worst case."
       )
+    routing.check_positive_int("topk", topk)
     num_permuted_tokens = _perm.max_permuted_rows(max_recv, num_local_experts, topk, pad)
+  elif (isinstance(num_permuted_tokens, bool)
+        or not isinstance(num_permuted_tokens, (int, np.integer)) or num_permuted_tokens < 0):
+    raise ValueError(
+        f"num_permuted_tokens must be an int >= 0, got {num_permuted_tokens!r}. Fix: pass the "
+        "static row count of the permuted buffer, or topk=K to use the worst case.")
   # Each destination gets its own [L] slice of the routing map and probabilities.
   local_map = routing_map.reshape(num_tokens, ep, num_local_experts)
   local_probs = probs.reshape(num_tokens, ep, num_local_experts)
@@ -289,6 +297,7 @@ def hybrid_ep_combine(
   dispatch if given. Its backward pass dispatches the cotangent along the
   handle and permutes it.
   """
+  routing.check_handle(handle, HybridEPHandle, "hybrid_ep_combine", "hybrid_ep_dispatch")
   perm = handle.permutation
   if num_permuted_tokens is not None and num_permuted_tokens != perm.num_rows:
     raise ValueError(

@@ -225,17 +225,42 @@ def test_quantize_helper_shapes():
   assert q.shape == (3, 130) and s.shape == (3, 2)
 
 
-def test_constant_index_check_survives_removed_deprecations(monkeypatch):
-  import jax.core
+def test_index_range_is_checked_on_concrete_values_only():
+  """Concrete indices (numpy, or jax arrays closed over) are range-checked; traced ones are not.
 
-  deprecated_getattr = jax.core.__getattr__
-
-  def getattr_011(name):  # jax 0.11: the deprecated name is gone.
-    if name == "concrete_or_error":
-      raise AttributeError("jax.core.concrete_or_error was removed in JAX v0.11.0")
-    return deprecated_getattr(name)
-
-  monkeypatch.setattr(jax.core, "__getattr__", getattr_011)
-  const = np.full((T, K), E, np.int32)
+  A traced index has no value at trace time, and reading it back would be a
+  host sync, so out-of-range traced ids are the caller's contract (docstring of
+  :func:`jax_moe_dispatch.core.routing.check_index_range`).
+  """
+  const = jnp.full((T, K), E, jnp.int32)
   with pytest.raises(ValueError, match=r"token_indices must lie in \[-1, 8\)"):
     trace(lambda x, p: fused_dispatch(x, const, p, E, "ep")[0], X, PROBS)
+  out = trace(dispatch(), X, IDX, PROBS)  # Traced: nothing to check, the trace succeeds.
+  assert out.shape == (EP, EP * T, HID)
+
+
+def test_handle_from_the_other_protocol():
+  def hybrid_into_fused(x, m, p):
+    permuted, *_, handle = hybrid_ep_dispatch(x, m, p, L, "ep", num_permuted_tokens=EP * T)
+    return fused_combine(permuted, handle, "ep")
+
+  def fused_into_hybrid(x, i, p):
+    recv_x, *_, handle = fused_dispatch(x, i, p, E, "ep")
+    return hybrid_ep_combine(recv_x, handle, "ep")
+
+  with pytest.raises(TypeError, match=r"fused_combine needs the DispatchHandle.*got HybridEPHandle.*Fix"):
+    trace(hybrid_into_fused, X, MAP, DPROBS)
+  with pytest.raises(TypeError, match=r"hybrid_ep_combine needs the HybridEPHandle.*got DispatchHandle"):
+    trace(fused_into_hybrid, X, IDX, PROBS)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(topk=0), r"topk must be a positive int, got 0"),
+    (dict(topk=-1), r"topk must be a positive int"),
+    (dict(topk=2.5), r"topk must be a positive int"),
+    (dict(num_permuted_tokens=-2), r"num_permuted_tokens must be an int >= 0, got -2.*Fix"),
+    (dict(num_permuted_tokens=3.0), r"num_permuted_tokens must be an int >= 0"),
+])
+def test_hybrid_bad_sizes(kw, match):
+  with pytest.raises(ValueError, match=match):
+    trace(lambda x, m, p: hybrid_ep_dispatch(x, m, p, L, "ep", **kw)[0], X, MAP, DPROBS)

@@ -22,6 +22,7 @@ __all__ = [
     "Rows",
     "axis_size",
     "check_combine_rows",
+    "check_handle",
     "check_index_range",
     "check_positive_int",
     "check_rows",
@@ -121,6 +122,15 @@ def check_combine_rows(x: jax.Array, num_rows: int, symbol: str, what: str = "x"
     )
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == FP8_DTYPE:
     raise TypeError(f"{what} must be bf16/f16/f32 for combine, got {x.dtype}.")
+
+
+def check_handle(handle: object, handle_type: type, op: str, dispatch_op: str) -> None:
+  """Check that ``handle`` is a ``handle_type``: the handle of ``dispatch_op``, the pair of ``op``."""
+  if not isinstance(handle, handle_type):
+    raise TypeError(
+        f"{op} needs the {handle_type.__name__} that {dispatch_op} returned, got "
+        f"{type(handle).__name__}. Fix: pass the handle of the matching dispatch "
+        "(fused_dispatch pairs with fused_combine, hybrid_ep_dispatch with hybrid_ep_combine).")
 
 
 def check_topk_routing(token_indices: jax.Array, token_probs: jax.Array, num_tokens: int) -> None:
