@@ -106,7 +106,10 @@ def fused_dispatch(
       ``float8_e4m3fn [T, H]`` and float32 scales ``[T, ceil(H / 128)]``
       (see :func:`jax_moe_dispatch.quantize_fp8`); scales travel with rows.
     token_indices: ``[T, K]`` int32 global expert ids, ``-1`` for no expert.
-      The K experts of a token should be distinct.
+      The K experts of a token should be distinct. Concrete ids (numpy, or
+      jax arrays closed over) outside ``[-1, num_experts)`` raise
+      ``ValueError``; traced ids are not checked (that would need a host
+      sync), so keeping them in range is the caller's contract.
     token_probs: ``[T, K]`` floating routing weights.
     num_experts: total experts, divisible by the axis size.
     axis_name: the expert-parallel axis.

@@ -130,6 +130,9 @@ def _move(
     slots = _send_slots(a, send_pos_raw, is_sliced)
     recv = jax.lax.all_to_all(slots, axis_name, 0, 0, tiled=True)
     recv = recv.reshape(slots.shape)
+    if slots.shape[1] == 0:  # No source rows (T = 0): every receive row is padding.
+      out.append(jnp.zeros(src.shape + slots.shape[2:], a.dtype))
+      continue
     rows = recv[src, jnp.clip(pos, 0, slots.shape[1] - 1)]
     keep = valid.reshape((-1,) + (1,) * (rows.ndim - 1))
     out.append(jnp.where(keep, rows, jnp.zeros((), rows.dtype)))

@@ -81,6 +81,8 @@ def permute(rows: jax.Array, perm: Permutation) -> jax.Array:
   Its backward pass is :func:`unpermute` (a float32 sum over each row's experts).
   """
   src = perm.src_row
+  if rows.shape[0] == 0:  # Nothing received (T = 0): every permuted row is padding.
+    return jnp.zeros(src.shape + rows.shape[1:], rows.dtype)
   out = rows[jnp.clip(src, 0)]
   keep = (src >= 0).reshape((-1,) + (1,) * (rows.ndim - 1))
   return jnp.where(keep, out, jnp.zeros((), rows.dtype))
