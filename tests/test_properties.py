@@ -204,7 +204,8 @@ def test_hybrid_refuses_bad_arguments_before_running(ep, map_width, map_dtype, p
                                         pad_multiple=pad, topk=topk, **REF)
     if wrong_handle:
       handle = handle.dispatch
-    y = jnp.ones((px.shape[0] + combine_rows, hid), px.dtype)
+    rows = px.shape[0] + combine_rows
+    y = jnp.ones((rows if rows >= 0 else 1, hid), px.dtype)  # Always a wrong count when != 0.
     return hybrid_ep_combine(y, handle, "ep", **REF)
 
   valid = (num_local > 0 and map_width == ep * num_local and map_dtype == "bool"
