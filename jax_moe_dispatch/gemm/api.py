@@ -72,8 +72,7 @@ def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
 class _Plan:
   """Which kernel (or XLA) runs each of the three products, decided at trace time."""
 
-  def __init__(self, x, w, group_sizes, out_dtype, implementation: str):
-    self.implementation = implementation
+  def __init__(self, x, w, implementation: str):
     self.interpret = _interpret_params() if implementation == "interpret" else None
     self.num_sms = 4 if implementation == "interpret" else None
     num_rows, k = x.shape
@@ -81,8 +80,8 @@ class _Plan:
     self.fwd_cfg = tile_config("fwd", k, m, x.dtype)
     self.dgrad_cfg = tile_config("dgrad", k, m, x.dtype)
     self.wgrad_cfg = tile_config("wgrad", k, m, x.dtype)
-    rows = num_rows + (-num_rows % 128)  # Row blocks of 128 suit every config above.
-    self.row_multiple = 128
+    self.row_multiple = 128  # Inputs are padded to it: a multiple of every config's block_m, block_k.
+    rows = num_rows + (-num_rows % self.row_multiple)
     if implementation == "xla":
       self.why_not = "implementation='xla'"
     elif implementation == "interpret":
@@ -163,7 +162,7 @@ def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul(x, w, group_sizes, out_dtype, implementation):
-  plan = _Plan(x, w, group_sizes, out_dtype, implementation)
+  plan = _Plan(x, w, implementation)
   return _like(_forward(plan, x, w, group_sizes, out_dtype), x, w, group_sizes)
 
 
@@ -173,7 +172,7 @@ def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation):
 
 def _grouped_matmul_bwd(out_dtype, implementation, res, dy):
   x, w, group_sizes = res
-  plan = _Plan(x, w, group_sizes, out_dtype, implementation)
+  plan = _Plan(x, w, implementation)
   dy = dy.astype(x.dtype)
   dx = _like(_dgrad(plan, dy, w, group_sizes, x.dtype), x)
   dw = _like(_wgrad(plan, x, dy, group_sizes, w), w)

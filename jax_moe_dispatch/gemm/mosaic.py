@@ -61,18 +61,18 @@ class TileConfig:
   grid_block_n: int = 1
 
 
-def _check_dtypes(x, w) -> Optional[str]:
-  if x.dtype != w.dtype:
-    return f"operands differ in dtype ({x.dtype} vs {w.dtype})"
-  if x.dtype not in _DTYPES:
-    return f"dtype {x.dtype} (the kernel takes bfloat16 or float16)"
+def _check_dtypes(dtype_a, dtype_b) -> Optional[str]:
+  if dtype_a != dtype_b:
+    return f"operands differ in dtype ({dtype_a} vs {dtype_b})"
+  if dtype_a not in _DTYPES:
+    return f"dtype {dtype_a} (the kernel takes bfloat16 or float16)"
   return None
 
 
 def gmm_unsupported(x_shape, w_shape, dtype_x, dtype_w, transpose_rhs: bool,
                     cfg: TileConfig) -> Optional[str]:
   """Why :func:`gmm` cannot take these operands, or ``None``."""
-  why = _check_dtypes(jax.ShapeDtypeStruct(x_shape, dtype_x), jax.ShapeDtypeStruct(w_shape, dtype_w))
+  why = _check_dtypes(dtype_x, dtype_w)
   if why:
     return why
   num_rows, k = x_shape
@@ -92,7 +92,7 @@ def gmm_unsupported(x_shape, w_shape, dtype_x, dtype_w, transpose_rhs: bool,
 
 def tgmm_unsupported(x_shape, y_shape, dtype_x, dtype_y, cfg: TileConfig) -> Optional[str]:
   """Why :func:`tgmm` cannot take these operands, or ``None``."""
-  why = _check_dtypes(jax.ShapeDtypeStruct(x_shape, dtype_x), jax.ShapeDtypeStruct(y_shape, dtype_y))
+  why = _check_dtypes(dtype_x, dtype_y)
   if why:
     return why
   (rows, k), (rows_y, n) = x_shape, y_shape
