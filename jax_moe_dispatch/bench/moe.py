@@ -131,21 +131,27 @@ def _layer_step(args, mesh, gemm_impl: str):
 
 
 def _gemms(n: int, h: int, f: int, sizes: np.ndarray, gemm_impl: str, rng):
-  """The experts' grouped GEMMs alone (fwd+bwd) on ``n`` static rows with ``sizes`` per expert."""
+  """The experts' grouped GEMMs alone (fwd+bwd) on ``n`` static rows with ``sizes`` per expert.
+
+  Every operand and output cotangent is fresh random data, as in the layer's
+  step (a GEMM's speed on a GPU depends on its data, e.g. through power).
+  """
   l = len(sizes)
   x = jnp.asarray(rng.normal(size=(n, h)), jnp.bfloat16)
   a = jnp.asarray(rng.normal(size=(n, f)), jnp.bfloat16)
   w1 = jnp.asarray(rng.normal(size=(l, h, 2 * f)) / math.sqrt(h), jnp.bfloat16)
   w2 = jnp.asarray(rng.normal(size=(l, f, h)) / math.sqrt(f), jnp.bfloat16)
+  dy1 = jnp.asarray(rng.normal(size=(n, 2 * f)), jnp.bfloat16)
+  dy2 = jnp.asarray(rng.normal(size=(n, h)), jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
 
-  def fn(x, a, w1, w2, gs):
-    def both(x, a, w1, w2):
-      mm = functools.partial(grouped_matmul, group_sizes=gs, implementation=gemm_impl)
-      return jnp.sum(mm(x, w1).astype(jnp.float32)) + jnp.sum(mm(a, w2).astype(jnp.float32))
-    return jax.grad(both, argnums=(0, 1, 2, 3))(x, a, w1, w2)
+  def fn(x, a, w1, w2, dy1, dy2, gs):
+    mm = functools.partial(grouped_matmul, group_sizes=gs, implementation=gemm_impl)
+    y1, back1 = jax.vjp(mm, x, w1)
+    y2, back2 = jax.vjp(mm, a, w2)
+    return y1, y2, back1(dy1), back2(dy2)
 
-  return fn, (x, a, w1, w2, gs)
+  return fn, (x, a, w1, w2, dy1, dy2, gs)
 
 
 def run(session: Session) -> None:
