@@ -226,7 +226,9 @@ def hybrid_ep_dispatch(
       :func:`jax_moe_dispatch.core.permute.max_permuted_rows`); one of the two is
       required. Rows past ``N`` are dropped (last experts' last rows first).
     pad_multiple: pad each expert's group to a multiple of this (default 1).
-    topk: most experts one token is routed to; sizes the default ``N``.
+    topk: most experts one token is routed to; sizes the default ``N``, and
+      the combine's sum reads only ``min(topk, L)`` rows per token (a token
+      with more local experts keeps its ``topk`` smallest; the rest drop).
     max_recv_tokens: rows of the intermediate receive buffer (default
       ``ep_size * T``).
     implementation: ``"auto"``, ``"native"`` or ``"reference"``.
@@ -276,7 +278,7 @@ def hybrid_ep_dispatch(
   recv, (recv_map, recv_probs), handle = dispatch(
       local_map.any(axis=-1), payloads, (local_map, local_probs), transport, max_recv)
   permuted, permuted_probs, perm = _perm.group_by_expert(
-      recv, recv_map, recv_probs, num_permuted_tokens, pad)
+      recv, recv_map, recv_probs, num_permuted_tokens, pad, topk)
   permuted_scales = None if scaling_factor is None else permuted[1]
   return (permuted[0], permuted_probs, permuted_scales, perm.tokens_per_expert,
           HybridEPHandle(handle, perm))

@@ -348,7 +348,8 @@ class MoEFlexTokenDispatcher(nnx.Module):
     local_map, local_probs = routing.topk_to_multihot(
         state.dispatched_indices, state.dispatched_probs, state.num_local_experts)
     permuted_x, permuted_probs, perm = _perm.group_by_expert(
-        hidden_states, local_map, local_probs, state.num_permuted_rows, state.pad_multiple)
+        hidden_states, local_map, local_probs, state.num_permuted_rows, state.pad_multiple,
+        state.dispatched_indices.shape[1])
     state = dataclasses.replace(state, permutation=perm, dispatched_probs=permuted_probs,
                                 tokens_per_expert=perm.tokens_per_expert)
     return permuted_x, perm.tokens_per_expert, self._out_probs(permuted_probs), state

@@ -115,3 +115,37 @@ def test_tokens_per_expert_ready_for_ragged_dot():
 def test_max_permuted_rows(max_recv, L, topk, pad, want):
   assert P.max_permuted_rows(max_recv, L, topk, pad) == want
   assert oracle.max_permuted_rows(max_recv, L, topk, pad) == want
+
+
+@pytest.mark.parametrize("L,K", [(5, 2), (6, 6), (40, 3), (40, None)])
+def test_top_k_bound(L, K):
+  """``max_experts_per_row=K``: a row keeps its K smallest local experts (the rest drop, as
+  rows past N do); unpermute sums a row's rows in ascending expert order in float32, rounding
+  once (bit for bit a numpy float32 sum in that order). ``(40, None)``: no bound with L > 32,
+  the scatter-add path (vs float64 with a tolerance)."""
+  rng = np.random.default_rng(L * 7 + (K or 0))
+  m, num_recv, pad = 24, 21, 2
+  local_map = random_map(rng, m, L, num_recv, 0.5)
+  N = P.max_permuted_rows(m, L, K or L, pad)
+  y = H.rand(rng, (N, 6), np.float32)
+  f = jax.jit(lambda lm, y: (lambda p: (p, P.unpermute(y, p, m)))(
+      P.make_permutation(lm, N, pad, K)))
+  perm, u = H.to_np(f(local_map, y))
+  kept = local_map & (np.cumsum(local_map, axis=1) <= (K or L))
+  assert kept.sum() < local_map.sum() or K is None or K >= L  # The bound binds in (5, 2), (40, 3).
+  want = oracle.permutation(kept, N, pad)
+  H.assert_equal_int(perm.perm_row, want["perm_row"], "perm_row")
+  H.assert_equal_int(perm.src_row, want["src_row"], "src_row")
+  H.assert_equal_int(perm.tokens_per_expert, want["tokens_per_expert"], "tokens_per_expert")
+  if K is None and L > 32:
+    H.assert_close(u, oracle.unpermute_rows(y, want, m), np.float32, "unpermute (scatter)")
+    return
+  exp = np.zeros((m, 6), np.float32)
+  for i in range(m):
+    for e in range(L):
+      if want["perm_row"][i, e] >= 0:
+        exp[i] = exp[i] + y[want["perm_row"][i, e]]
+  H.assert_bitwise(u, exp, "unpermute ascending-expert float32 sum")
+  rows_listed = perm.expert_rows
+  assert rows_listed.shape == (m, min(K or L, L))
+  assert ((rows_listed >= 0).sum(axis=1) == (want["perm_row"] >= 0).sum(axis=1)).all()

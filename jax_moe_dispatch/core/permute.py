@@ -10,13 +10,16 @@ the padded size of group ``e`` as written (clipped at ``num_rows``), ready for
 
 Every function here is differentiable. :func:`permute` and :func:`unpermute`
 are each other's transposes; both sums (unpermute's, and so permute's
-backward pass) run in float32, so a row routed to several experts rounds once.
+backward pass) run in float32 over a row's experts in ascending local-expert
+order, so a row routed to several experts rounds once and the result is the
+same bits on every run. Both are gathers (no scatter-add): unpermute reads, for
+each receive row, its at most ``K`` permuted rows (:attr:`Permutation.expert_rows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +36,15 @@ class Permutation:
     src_row: ``[N]`` int32: the receive row each permuted row comes from, -1
       for padding rows.
     tokens_per_expert: ``[L]`` int32: rows of each group, padding included.
+    expert_rows: ``[M, K]`` int32: the permuted rows of receive row ``i`` in
+      ascending local-expert order, then -1; ``K`` bounds the experts of one
+      row (``min(topk, L)``).
   """
 
   perm_row: jax.Array
   src_row: jax.Array
   tokens_per_expert: jax.Array
+  expert_rows: jax.Array
 
   @property
   def num_rows(self) -> int:
@@ -50,7 +57,8 @@ def max_permuted_rows(max_recv: int, num_local_experts: int, topk: int, pad_mult
   return rows + num_local_experts * (pad_multiple - 1)
 
 
-def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1) -> Permutation:
+def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1,
+                     max_experts_per_row: Optional[int] = None) -> Permutation:
   """Build the permutation from a received multi-hot map.
 
   Args:
@@ -58,8 +66,16 @@ def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1)
       padding rows must be all False.
     num_rows: ``N``, static rows of the permuted buffer.
     pad_multiple: group sizes are rounded up to a multiple of this.
+    max_experts_per_row: ``K``, most local experts one row keeps (the
+      router's top-k; default ``L``): a row routed to more keeps its ``K``
+      smallest local experts, the others are dropped like rows past
+      ``num_rows``. It sizes :attr:`Permutation.expert_rows`, so
+      :func:`unpermute` reads ``K`` rows per receive row.
   """
   num_recv, num_local = local_map.shape
+  k = num_local if max_experts_per_row is None else max(1, min(max_experts_per_row, num_local))
+  if k < num_local:
+    local_map = local_map & (jnp.cumsum(local_map.astype(jnp.int32), axis=1) <= k)
   hits = local_map.astype(jnp.int32)
   counts = hits.sum(axis=0)
   padded = (counts + pad_multiple - 1) // pad_multiple * pad_multiple
@@ -71,7 +87,11 @@ def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1)
   target = jnp.where(perm_row >= 0, perm_row, num_rows)
   src_row = jnp.full((num_rows,), -1, jnp.int32).at[target].set(rows, mode="drop")
   tokens_per_expert = jnp.clip(starts + padded, 0, num_rows) - jnp.clip(starts, 0, num_rows)
-  return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32))
+  # The k smallest experts with a kept row, ascending (top_k of L - e over the kept ones).
+  key = jnp.where(perm_row >= 0, num_local - jnp.arange(num_local, dtype=jnp.int32), 0)
+  _, order = jax.lax.top_k(key, k)
+  expert_rows = jnp.take_along_axis(perm_row, order.astype(jnp.int32), axis=1)
+  return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32), expert_rows)
 
 
 @jax.custom_vjp
@@ -106,15 +126,35 @@ def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
   return flat.at[target].set(values, mode="drop")
 
 
+# Above this many experts per row, unpermute is one scatter-add instead of K gathers.
+_MAX_GATHERS = 32
+
+
 def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> jax.Array:
   """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32.
 
-  The result has ``dtype`` (default: that of ``rows``).
+  The result has ``dtype`` (default: that of ``rows``). The sum runs in
+  ascending local-expert order (bit-reproducible) when the permutation was
+  built with a top-k bound of at most 32 experts per row; without one (and
+  ``L > 32``) it is one float32 scatter-add, whose order the GPU may vary.
   """
+  out_dtype = rows.dtype if dtype is None else dtype
+  expert_rows = perm.expert_rows
+  if expert_rows.shape[0] != num_recv:
+    raise ValueError(f"unpermute: the permutation has {expert_rows.shape[0]} receive rows, "
+                     f"num_recv={num_recv}.")
+  if rows.shape[0] == 0:  # No permuted rows: every receive row sums nothing.
+    return jnp.zeros((num_recv,) + rows.shape[1:], out_dtype)
+  bcast = (-1,) + (1,) * (rows.ndim - 1)
   acc = jnp.zeros((num_recv,) + rows.shape[1:], jnp.float32)
-  src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
-  acc = acc.at[src].add(rows.astype(jnp.float32), mode="drop")
-  return acc.astype(rows.dtype if dtype is None else dtype)
+  if expert_rows.shape[1] > _MAX_GATHERS:  # No top-k bound: one scatter-add (unordered).
+    src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
+    return acc.at[src].add(rows.astype(jnp.float32), mode="drop").astype(out_dtype)
+  for j in range(expert_rows.shape[1]):  # Ascending local expert: a fixed order.
+    idx = expert_rows[:, j]
+    got = rows[jnp.clip(idx, 0)].astype(jnp.float32)
+    acc = acc + jnp.where((idx >= 0).reshape(bcast), got, 0.0)
+  return acc.astype(out_dtype)
 
 
 def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
@@ -124,7 +164,8 @@ def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
 
 
 def group_by_expert(rows: Any, local_map: jax.Array, local_probs: jax.Array, num_rows: int,
-                    pad_multiple: int = 1) -> tuple[Any, jax.Array, Permutation]:
+                    pad_multiple: int = 1, max_experts_per_row: Optional[int] = None,
+                    ) -> tuple[Any, jax.Array, Permutation]:
   """Permute received rows and their per-expert probabilities into expert-major groups.
 
   Args:
@@ -134,9 +175,11 @@ def group_by_expert(rows: Any, local_map: jax.Array, local_probs: jax.Array, num
     local_probs: ``[M, L]`` weight of (row, expert); read only where routed.
     num_rows: ``N``, static rows of the permuted buffer.
     pad_multiple: group sizes are rounded up to a multiple of this.
+    max_experts_per_row: most local experts one row is routed to
+      (:func:`make_permutation`).
 
   Returns:
     ``(permuted rows [N, ...], permuted probs [N], permutation)``.
   """
-  perm = make_permutation(local_map, num_rows, pad_multiple)
+  perm = make_permutation(local_map, num_rows, pad_multiple, max_experts_per_row)
   return jax.tree.map(lambda a: permute(a, perm), rows), permute_values(local_probs, perm), perm
