@@ -19,6 +19,7 @@ each receive row, its at most ``K`` permuted rows (:attr:`Permutation.expert_row
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -137,7 +138,13 @@ def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> 
   ascending local-expert order (bit-reproducible) when the permutation was
   built with a top-k bound of at most 32 experts per row; without one (and
   ``L > 32``) it is one float32 scatter-add, whose order the GPU may vary.
+  Its backward pass is :func:`permute` (a gather, never a scatter-add).
   """
+  return _unpermute(rows, perm, num_recv, None if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype) -> jax.Array:
   out_dtype = rows.dtype if dtype is None else dtype
   expert_rows = perm.expert_rows
   if expert_rows.shape[0] != num_recv:
@@ -155,6 +162,18 @@ def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> 
     got = rows[jnp.clip(idx, 0)].astype(jnp.float32)
     acc = acc + jnp.where((idx >= 0).reshape(bcast), got, 0.0)
   return acc.astype(out_dtype)
+
+
+def _unpermute_fwd(rows, perm, num_recv, dtype):
+  return _unpermute(rows, perm, num_recv, dtype), (perm, jnp.zeros((0,), rows.dtype))
+
+
+def _unpermute_bwd(num_recv, dtype, res, g):
+  perm, like = res
+  return permute(g.astype(like.dtype), perm), None
+
+
+_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
 def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:

@@ -4,19 +4,29 @@ Two persistent kernels (one thread block per SM, a ``plgpu.nd_loop`` over the
 output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
 
 * :func:`gmm`: ``out[r] = x[r] @ w[group(r)]`` (or ``@ w[group(r)].T``), the
-  forward pass and dgrad. The rows are cut into blocks of ``block_m``; a block
-  that lies inside one group is one pipeline; a block that straddles groups runs
-  one pipeline per group it touches and keeps, for each, only that group's rows
-  (a select, so garbage in other rows cannot leak in). Blocks past
-  ``sum(group_sizes)`` only store zeros: the cost follows the real rows, not
-  the static row count.
+  forward pass and dgrad, in two variants (``TileConfig.consumers``):
+
+  - 2 (the fast one, where the output width allows): warp-specialised. A
+    producer warpgroup streams the operands through shared memory for two
+    consumer warpgroups that share a ``block_m x 2 block_n`` tile and store
+    their halves while the producer loads the next tile. Work items are
+    (group, row block) pairs: a block that straddles groups is one item per
+    group, each computing the block and storing only its group's rows
+    (power-of-two TMA pieces), so garbage in other rows cannot leak in. Rows
+    past ``sum(group_sizes)`` are items that only store zeros.
+  - 1: one warpgroup per tile. A block that lies inside one group is one
+    pipeline; a block that straddles groups runs one pipeline per group it
+    touches and keeps, for each, only that group's rows (a select). Blocks
+    past ``sum(group_sizes)`` only store zeros.
+
+  Either way the cost follows the real rows, not the static row count.
 * :func:`tgmm`: ``out[g] = x_g.T @ y_g`` for every group, the wgrad. Each tile
   pipelines over the row blocks of its group only; the first and last block of
   a group are masked (select) to the group's rows. Empty groups give zeros.
 
-A small plan (per row block: the first and last group it touches, whether it
-lies inside one group) is computed by XLA before the kernel from
-``group_sizes``; nothing synchronises with the host.
+A small plan (the work items, or per row block the first and last group it
+touches) is computed by XLA before the kernel from ``group_sizes``; nothing
+synchronises with the host.
 
 Shapes a kernel cannot take are the caller's to route elsewhere
 (:func:`gmm_unsupported` / :func:`tgmm_unsupported` say why).
@@ -52,6 +62,11 @@ class TileConfig:
       column tiles, every row block of a band before the next band
       (``plgpu.planar_snake``), so that a band of ``w`` stays in L2 while the
       rows stream past it.
+    consumers: :func:`gmm` only: 1 = one warpgroup loads and multiplies a
+      ``block_m x block_n`` tile; 2 = warp-specialised, one producer
+      warpgroup feeds two consumers that each own ``block_n`` of a
+      ``block_m x 2 block_n`` tile and store it while the producer already
+      loads the next one.
   """
 
   block_m: int = 128
@@ -59,6 +74,7 @@ class TileConfig:
   block_k: int = 64
   steps: int = 4
   grid_block_n: int = 1
+  consumers: int = 1
 
 
 def _check_dtypes(dtype_a, dtype_b) -> Optional[str]:
@@ -85,8 +101,11 @@ def gmm_unsupported(x_shape, w_shape, dtype_x, dtype_w, transpose_rhs: bool,
     return f"rows N={num_rows} are not a multiple of block_m={cfg.block_m}"
   if k % cfg.block_k:
     return f"K={k} is not a multiple of block_k={cfg.block_k}"
-  if n % cfg.block_n:
-    return f"output columns {n} are not a multiple of block_n={cfg.block_n}"
+  if cfg.consumers not in (1, 2):
+    return f"consumers={cfg.consumers} (1 or 2)"
+  if n % (cfg.block_n * cfg.consumers):
+    return (f"output columns {n} are not a multiple of {cfg.consumers} x "
+            f"block_n={cfg.block_n}")
   return None
 
 
@@ -195,6 +214,9 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   Returns:
     ``[N, M]``; rows past ``sum(group_sizes)`` are zero.
   """
+  if cfg.consumers == 2:
+    return _gmm_ws(x, w, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg,
+                   num_sms=num_sms, interpret=interpret)
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -362,3 +384,167 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
       interpret=interpret,
   )
   return kernel(starts, ends, first_block.astype(jnp.int32), num_steps, x, y)
+
+
+def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
+  """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
+
+  The rows past ``sum(group_sizes)`` form one more group, numbered ``G``, whose
+  items only store zeros. Items come in row order; there are at most
+  ``num_blocks + G`` of them (each group boundary splits one block in two),
+  the unused ones have an empty row range. Returns ``(group, block, lo, hi)``
+  per item, int32: rows ``[lo, hi)`` of block ``block`` (block-relative).
+  """
+  num_groups = group_sizes.shape[0]
+  num_blocks = num_rows // block_m
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
+  ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  first = starts // block_m
+  count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
+  item_end = jnp.cumsum(count)
+  num_items = num_blocks + num_groups
+  p = jnp.arange(num_items, dtype=jnp.int32)
+  g = jnp.minimum(jnp.searchsorted(item_end, p, side="right"), num_groups).astype(jnp.int32)
+  block = first[g] + p - (item_end[g] - count[g])
+  used = p < item_end[-1]
+  row0 = block * block_m
+  lo = jnp.where(used, jnp.maximum(starts[g], row0) - row0, 0)
+  hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
+  block = jnp.where(used, block, 0)
+  return g, block.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _store_rows(src, dst, lo, hi, block_m: int) -> None:
+  """TMA-store rows ``[lo, hi)`` of the shared-memory tile ``src`` to the same rows of ``dst``.
+
+  TMA boxes have static sizes, so a dynamic row range goes out as at most
+  ``log2(block_m) + 1`` power-of-two pieces (largest first).
+  """
+  size = hi - lo
+  start = lo
+  piece = block_m
+  while piece >= 1:
+    @pl.when((size & piece) != 0)
+    def _(start=start, piece=piece):
+      plgpu.copy_smem_to_gmem(src.at[pl.ds(start, piece)], dst.at[pl.ds(start, piece)])
+    start = start + (size & piece)
+    piece //= 2
+
+
+def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+           out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
+           interpret: Any = None) -> jax.Array:
+  """:func:`gmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
+
+  Each work item is one (group, row block) pair times ``2 * block_n`` output
+  columns: the producer streams ``x`` rows and ``w[g]`` columns through
+  shared memory while consumer warpgroup ``i`` accumulates columns
+  ``[i * block_n, (i + 1) * block_n)`` and then stores only the pair's rows
+  (a block that straddles groups is one item per group, each storing its own
+  rows; the producer already loads the next item during that epilogue). Items
+  of the rows past ``sum(group_sizes)`` store zeros without a product.
+  """
+  if interpret is not None and transpose_rhs:  # The interpreter has no transposed wgmma.
+    w, transpose_rhs = jnp.swapaxes(w, 1, 2), False
+  num_rows, k = x.shape
+  m = w.shape[1] if transpose_rhs else w.shape[2]
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  cta_n = 2 * bn
+  epi_n = min(bn, 64)
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  num_groups = group_sizes.shape[0]
+  grid_n = m // cta_n
+  groups, blocks, los, his = _pair_plan(group_sizes, num_rows, bm)
+  num_items = groups.shape[0]
+  itemsize = jnp.dtype(x.dtype).itemsize
+  swizzle = plgpu.find_swizzle(bk * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  def pipeline(step, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(k // bk,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms, delay_release=1),
+            plgpu.BlockSpec((cta_n, bk) if transpose_rhs else (bk, cta_n),
+                            (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
+                            transforms=transforms, delay_release=1),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.steps,
+        compute_context=context,
+    )
+
+  def body(group_ref, block_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref):
+    wg = jax.lax.axis_index("wg")
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(x_ref.at[pl.ds(0, bm)],
+                                                        w_ref.at[0].at[pl.ds(0, cta_n)]
+                                                        if transpose_rhs else
+                                                        w_ref.at[0].at[:, pl.ds(0, cta_n)]),
+        o_smem=plgpu.SMEM((2, bm, epi_n), out_dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocs, o_smem):
+      @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+      def _item(info):
+        if cfg.grid_block_n >= grid_n:
+          item, ni = info.index[0] // grid_n, info.index[0] % grid_n
+        else:
+          item, ni = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+        g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
+        row0 = b * bm
+
+        def store(tile) -> None:  # This consumer's [bm, bn] tile, rows [lo, hi) only.
+          for j in range(bn // epi_n):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
+            o_smem[wg] = tile[:, j * epi_n:(j + 1) * epi_n]
+            plgpu.commit_smem()
+            col = ni * cta_n + wg * bn + j * epi_n
+            _store_rows(o_smem.at[wg], o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
+
+        def step(_, x_smem, w_smem, acc_ref):
+          cols = pl.ds(wg * bn, bn)
+          w_cols = w_smem.at[cols] if transpose_rhs else w_smem.at[:, cols]
+          plgpu.wgmma(acc_ref, x_smem,
+                      plgpu.transpose_ref(w_cols, (1, 0)) if transpose_rhs else w_cols)
+          plgpu.wgmma_wait(1)
+          return acc_ref
+
+        def context(run):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
+          def _(acc_ref):
+            run(acc_ref)
+            store(acc_ref[...].astype(out_dtype))
+
+        @pl.when((g < num_groups) & (hi > lo))
+        def _product():
+          w_g = w_ref.at[g]
+          cols = pl.ds(ni * cta_n, cta_n)
+          pipeline(step, context)(x_ref.at[pl.ds(row0, bm)],
+                                  w_g.at[cols] if transpose_rhs else w_g.at[:, cols],
+                                  allocations=allocs)
+
+        @pl.when((g == num_groups) & (hi > lo) & (wg < 2))
+        def _zeros():
+          store(jnp.zeros((bm, bn), out_dtype))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel = plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((num_rows, m), out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_params(),
+      interpret=interpret,
+  )
+  return kernel(groups, blocks, los, his, x, w)

@@ -2,9 +2,11 @@
 
 One default per product (``"fwd"``: ``x @ w``, ``"dgrad"``: ``dy @ w.T``,
 ``"wgrad"``: ``x.T @ dy``); a shape-specific row wins when the problem's
-``(K, M)`` match. The rows come from a sweep of band width
-(``grid_block_n``) and pipeline depth on an H200; add a row for a shape that the
-default serves badly. Every config must keep ``block_m`` and ``block_k``
+``(K, M)`` match. The defaults use two consumer warpgroups
+(``consumers=2``) wherever the output width is a multiple of ``2 x block_n``,
+else one. The rows come from sweeps of band width (``grid_block_n``), pipeline
+depth and consumers on an H200; add a row for a shape that the default serves
+badly. Every config must keep ``block_m`` and ``block_k``
 divisors of 128 (inputs are padded to a multiple of 128 rows).
 """
 
@@ -14,17 +16,24 @@ from jax_moe_dispatch.gemm.mosaic import TileConfig
 
 __all__ = ["DEFAULT", "tile_config"]
 
+# Two consumer warpgroups (TileConfig.consumers) where the output width is a
+# multiple of 2 x block_n; one otherwise.
 DEFAULT = {
-    "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=16),
-    "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=6, grid_block_n=4),
+    "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4, consumers=2),
+    "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4,
+                        consumers=2),
     "wgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4),
 }
+_ONE_CONSUMER = {
+    "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=16),
+    "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=6, grid_block_n=4),
+}
 
-# (product, K, M) of x [N, K] @ w [G, K, M] -> TileConfig. From the H200 sweep of
+# (product, K, M) of x [N, K] @ w [G, K, M] -> TileConfig. From the H200 sweeps of
 # 2026-11-23 (skewed groups; BENCHMARKS.md).
 _BY_SHAPE: dict[tuple[str, int, int], TileConfig] = {
     ("fwd", 4096, 1408): TileConfig(steps=5, grid_block_n=16),
-    ("fwd", 7168, 2048): TileConfig(steps=4, grid_block_n=8),
+    ("dgrad", 4096, 1408): TileConfig(steps=4, grid_block_n=8, consumers=2),
     ("wgrad", 4096, 1408): TileConfig(steps=6),
 }
 
@@ -32,4 +41,10 @@ _BY_SHAPE: dict[tuple[str, int, int], TileConfig] = {
 def tile_config(product: str, k: int, m: int, dtype) -> TileConfig:
   """The tiles of ``product`` (``"fwd"``, ``"dgrad"``, ``"wgrad"``) for ``x [N, k] @ w [G, k, m]``."""
   del dtype  # bf16 and f16 share tiles.
-  return _BY_SHAPE.get((product, k, m), DEFAULT[product])
+  if (product, k, m) in _BY_SHAPE:
+    return _BY_SHAPE[(product, k, m)]
+  cfg = DEFAULT[product]
+  out_cols = k if product == "dgrad" else m
+  if cfg.consumers > 1 and out_cols % (cfg.block_n * cfg.consumers):
+    return _ONE_CONSUMER[product]
+  return cfg
