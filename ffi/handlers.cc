@@ -370,9 +370,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index
       out_dims[1] != rows_dims[1] || rows.element_type() != out->element_type()) {
     return Invalid("combine takes rows [M, H] and returns [T, H] of the same dtype");
   }
-  if (rows_dims[0] > INT32_MAX || rows_dims[1] > INT32_MAX / 4) {
-    return Invalid("combine rows [M, H] must have M < 2^31 and rows under 2 GiB; M", rows_dims[0]);
-  }
+  if (rows_dims[0] > INT32_MAX) return Invalid("combine rows [M, H] need M < 2^31; M", rows_dims[0]);
+  if (rows_dims[1] > INT32_MAX / 4) return Invalid("combine rows [M, H] need rows under 2 GiB; H", rows_dims[1]);
   CombineParams p{};
   switch (rows.element_type()) {
     case ffi::DataType::F32: p.dtype = Dtype::kF32; break;
