@@ -1,5 +1,6 @@
 #include "group.h"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <new>
@@ -149,6 +150,31 @@ std::string CheckOrdinal(int device) {
     return "device ordinal " + std::to_string(device) + " is not one of the " + std::to_string(count) +
            " visible GPUs";
   }
+  return "";
+}
+
+// The stream-ordered pool `ptr` was allocated from (null: not from a pool), through
+// the driver's cuPointerGetAttribute (reached via the runtime: no libcuda link).
+std::string PoolOf(const void* ptr, cudaMemPool_t* pool) {
+  using GetAttribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+  static GetAttribute get = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found);
+#else
+    cudaGetDriverEntryPoint("cuPointerGetAttribute", &fn, cudaEnableDefault, &found);
+#endif
+    return found == cudaDriverEntryPointSuccess ? reinterpret_cast<GetAttribute>(fn) : nullptr;
+  }();
+  *pool = nullptr;
+  if (get == nullptr) return "the CUDA driver's cuPointerGetAttribute is not available";
+  CUmemoryPool handle = nullptr;
+  if (CUresult res = get(&handle, CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE, reinterpret_cast<CUdeviceptr>(ptr));
+      res != CUDA_SUCCESS) {
+    return "cuPointerGetAttribute(MEMPOOL_HANDLE) failed with CUresult " + std::to_string(static_cast<int>(res));
+  }
+  *pool = reinterpret_cast<cudaMemPool_t>(handle);
   return "";
 }
 
@@ -498,7 +524,7 @@ std::string MemoryInfo(int device, size_t* free_bytes, size_t* total_bytes) {
   return "";
 }
 
-std::string CheckPeerReadable(int device, const void* ptr, int owner_device, bool stream_ordered) {
+std::string CheckPeerReadable(int device, const void* ptr, int owner_device) {
   if (std::string err = CheckOrdinal(device); !err.empty()) return err;
   if (std::string err = CheckOrdinal(owner_device); !err.empty()) return err;
   cudaPointerAttributes attr{};
@@ -518,18 +544,22 @@ std::string CheckPeerReadable(int device, const void* ptr, int owner_device, boo
     return "GPU " + std::to_string(device) + " cannot access GPU " + std::to_string(owner_device) +
            " (no CUDA peer access)";
   }
-  // Stream-ordered (cudaMallocAsync) pools need an explicit access grant for peers;
-  // peer access alone does not cover them. XLA's cuda_async allocator uses the
-  // device's default pool.
+  // Memory from a stream-ordered pool (cudaMallocAsync, XLA's cuda_async allocator)
+  // needs the pool's access grant for peers; peer access alone does not cover it.
   cudaMemPool_t pool = nullptr;
-  if (stream_ordered && cudaDeviceGetDefaultMemPool(&pool, owner_device) == cudaSuccess && pool != nullptr) {
+  if (std::string err = PoolOf(ptr, &pool); !err.empty()) return err;
+  if (pool != nullptr) {
     cudaMemLocation where{};
     where.type = cudaMemLocationTypeDevice;
     where.id = device;
     cudaMemAccessFlags flags = cudaMemAccessFlagsProtNone;
-    if (cudaMemPoolGetAccess(&flags, pool, &where) == cudaSuccess && flags == cudaMemAccessFlagsProtNone) {
-      return "the stream-ordered memory pool of GPU " + std::to_string(owner_device) +
-             " grants GPU " + std::to_string(device) + " no access";
+    if (cudaError_t err = cudaMemPoolGetAccess(&flags, pool, &where); err != cudaSuccess) {
+      cudaGetLastError();
+      return CudaError("cudaMemPoolGetAccess", err);
+    }
+    if (flags == cudaMemAccessFlagsProtNone) {
+      return "XLA allocates from a stream-ordered memory pool on GPU " + std::to_string(owner_device) +
+             " that grants GPU " + std::to_string(device) + " no access";
     }
   }
   cudaGetLastError();

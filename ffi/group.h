@@ -110,10 +110,10 @@ std::string DescribeSignature(const OpSignature& s);
 std::string MemoryInfo(int device, size_t* free_bytes, size_t* total_bytes);
 
 // Whether GPU `device` can read, in place, a buffer at `ptr` that XLA allocated on
-// GPU `owner_device` (what one-process groups rely on): "" if so, else why.
-// `stream_ordered`: XLA allocates from the device's default cudaMallocAsync pool
-// (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async), whose peer access grant is checked too.
-std::string CheckPeerReadable(int device, const void* ptr, int owner_device, bool stream_ordered);
+// GPU `owner_device` (what one-process groups rely on): device memory, peer access,
+// and, for memory of a stream-ordered pool (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async),
+// the pool's access grant. "" if so, else why.
+std::string CheckPeerReadable(int device, const void* ptr, int owner_device);
 
 // Bytes of device memory one rank's signal region takes.
 size_t RegionBytes();

@@ -104,9 +104,9 @@ NB_MODULE(_jmd_ext, m) {
     Check(jmd::MemoryInfo(device, &free_bytes, &total_bytes));
     return nb::make_tuple(free_bytes, total_bytes);
   }, nb::arg("device"), "(free, total) bytes of device memory on a CUDA ordinal (cudaMemGetInfo).");
-  m.def("check_peer_readable", [](int device, uintptr_t ptr, int owner_device, bool stream_ordered) {
-    return jmd::CheckPeerReadable(device, reinterpret_cast<const void*>(ptr), owner_device, stream_ordered);
-  }, nb::arg("device"), nb::arg("ptr"), nb::arg("owner_device"), nb::arg("stream_ordered"),
+  m.def("check_peer_readable", [](int device, uintptr_t ptr, int owner_device) {
+    return jmd::CheckPeerReadable(device, reinterpret_cast<const void*>(ptr), owner_device);
+  }, nb::arg("device"), nb::arg("ptr"), nb::arg("owner_device"),
      "'' if GPU `device` can read in place the XLA buffer at `ptr` on GPU `owner_device`, else why.");
   m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
 }

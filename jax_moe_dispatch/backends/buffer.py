@@ -259,18 +259,18 @@ def _check_in_place_reads(ext, group: Sequence[jax.Device]) -> None:
 
   Such a group publishes XLA's own input buffers to its peers (no staging), so
   every GPU of it must be able to load from memory XLA allocated on the others:
-  device memory (not host memory), with peer access, and, for XLA's
-  ``cuda_async`` allocator (a stream-ordered pool), an access grant to the peers.
+  device memory (not host memory), with peer access, and, for memory of a
+  stream-ordered pool (XLA's ``cuda_async`` allocator), the pool's access grant
+  to the peers.
   """
   if len(group) < 2:
     return
-  stream_ordered = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "cuda_async"
   for owner in group:
     probe = jax.device_put(np.ones((16,), np.float32), owner)
     pointer = probe.addressable_shards[0].data.unsafe_buffer_pointer()
     for reader in group:
       why = ext.check_peer_readable(int(reader.local_hardware_id), pointer,
-                                    int(owner.local_hardware_id), stream_ordered)
+                                    int(owner.local_hardware_id))
       if why:
         allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
         raise RuntimeError(
