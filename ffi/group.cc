@@ -1,5 +1,6 @@
 #include "group.h"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <new>
@@ -11,19 +12,20 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 namespace jmd {
 namespace {
 
 std::mutex g_mutex;
 // device ordinal -> usable member; the local members of one group share `local_devices`.
-std::map<int, std::unique_ptr<Member>> g_members;
+std::map<int, std::shared_ptr<Member>> g_members;
 // device ordinal -> member of a group spanning processes, between CreateExported and OpenPeers.
-std::map<int, std::unique_ptr<Member>> g_pending;
+std::map<int, std::shared_ptr<Member>> g_pending;
 // Members of groups spanning processes that left their group: the peers' mappings
 // are closed, but the exported allocation is kept until FreeAll(true), because a
 // peer may still map it (freeing it first is undefined behaviour in CUDA).
-std::vector<std::unique_ptr<Member>> g_released;
+std::vector<std::shared_ptr<Member>> g_released;
 
 // A rank's allocation in a group spanning processes: its SignalRegion, then its
 // staging buffer at this offset (aligned for any vector width).
@@ -97,9 +99,16 @@ void FreeMemberLocked(Member& m) {
   m.diag_host = nullptr;
 }
 
+// Waits until no handler holds `m` (handlers hold it only while they enqueue a
+// call and take no lock meanwhile, so this is brief).
+void WaitUnusedLocked(const std::shared_ptr<Member>& m) {
+  while (m.use_count() > 1) std::this_thread::yield();
+}
+
 // Takes a member out of use: frees it, or, if peers may map its allocation, closes
 // its mappings and keeps it in g_released.
-void RetireLocked(std::unique_ptr<Member> m) {
+void RetireLocked(std::shared_ptr<Member> m) {
+  WaitUnusedLocked(m);
   if (m->allocation == nullptr) {
     FreeMemberLocked(*m);
     return;
@@ -141,6 +150,31 @@ std::string CheckOrdinal(int device) {
     return "device ordinal " + std::to_string(device) + " is not one of the " + std::to_string(count) +
            " visible GPUs";
   }
+  return "";
+}
+
+// The stream-ordered pool `ptr` was allocated from (null: not from a pool), through
+// the driver's cuPointerGetAttribute (reached via the runtime: no libcuda link).
+std::string PoolOf(const void* ptr, cudaMemPool_t* pool) {
+  using GetAttribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+  static GetAttribute get = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 12000, cudaEnableDefault, &found);
+#else
+    cudaGetDriverEntryPoint("cuPointerGetAttribute", &fn, cudaEnableDefault, &found);
+#endif
+    return found == cudaDriverEntryPointSuccess ? reinterpret_cast<GetAttribute>(fn) : nullptr;
+  }();
+  *pool = nullptr;
+  if (get == nullptr) return "the CUDA driver's cuPointerGetAttribute is not available";
+  CUmemoryPool handle = nullptr;
+  if (CUresult res = get(&handle, CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE, reinterpret_cast<CUdeviceptr>(ptr));
+      res != CUDA_SUCCESS) {
+    return "cuPointerGetAttribute(MEMPOOL_HANDLE) failed with CUresult " + std::to_string(static_cast<int>(res));
+  }
+  *pool = reinterpret_cast<cudaMemPool_t>(handle);
   return "";
 }
 
@@ -202,10 +236,10 @@ std::string CreateGroup(const std::vector<int>& devices, double timeout_s) {
 
   std::vector<std::string> names;
   for (int d : devices) names.push_back("GPU " + std::to_string(d));
-  std::vector<std::unique_ptr<Member>> made;
+  std::vector<std::shared_ptr<Member>> made;
   SignalRegion* regions[kMaxRanks] = {};
   for (int i = 0; i < n; ++i) {
-    auto m = std::make_unique<Member>();
+    auto m = std::make_shared<Member>();
     m->device = devices[i];
     m->position = i;
     m->size = n;
@@ -248,7 +282,7 @@ std::string CreateExported(int device, int position, int size, double timeout_s,
   if (std::string err = CheckOrdinal(device); !err.empty()) return err;
   FreeGroupsOfLocked({device});
 
-  auto m = std::make_unique<Member>();
+  auto m = std::make_shared<Member>();
   m->device = device;
   m->position = position;
   m->size = size;
@@ -285,7 +319,7 @@ std::string OpenPeers(int device, const std::vector<std::string>& blobs, const s
   DeviceGuard guard;
   auto it = g_pending.find(device);
   if (it == g_pending.end()) return "no pending rank on GPU " + std::to_string(device) + " (CreateExported first)";
-  std::unique_ptr<Member> m = std::move(it->second);
+  std::shared_ptr<Member> m = std::move(it->second);
   g_pending.erase(it);
   if (static_cast<int>(blobs.size()) != m->size || static_cast<int>(names.size()) != m->size) {
     const std::string error = "expected " + std::to_string(m->size) + " blobs and names, got " +
@@ -387,6 +421,7 @@ std::string ResetAll() {
   if (std::string err = SynchronizeLocked(); !err.empty()) return err + " (before reset)";
   DeviceGuard guard;
   for (auto& [device, m] : g_members) {
+    WaitUnusedLocked(m);
     cudaSetDevice(device);
     if (cudaError_t err = cudaMemset(m->regions[m->position], 0, sizeof(SignalRegion));
         err != cudaSuccess) {
@@ -394,15 +429,16 @@ std::string ResetAll() {
     }
     cudaDeviceSynchronize();
     m->epoch = 0;
+    m->stream = nullptr;
     *m->diag_host = Diag{};
   }
   return "";
 }
 
-Member* FindMember(int device) {
+std::shared_ptr<Member> FindMember(int device) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_members.find(device);
-  return it == g_members.end() ? nullptr : it->second.get();
+  return it == g_members.end() ? nullptr : it->second;
 }
 
 std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, int self, uint64_t timeout_ns) {
@@ -421,6 +457,24 @@ std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, i
            "dispatch/combine calls in the same order, or its process died or is still busy (e.g. "
            "compiling the program; then raise get_buffer's timeout_s)";
   }
+  if (d.code == kDiagMismatch) {
+    if (d.stage == kStageDone) {
+      return me + " saw " + name(d.peer) + " finish call #" + std::to_string(d.seen) + " while it was in " +
+             call + ": the ranks are not in the same call. Fix: every rank of the axis must run the "
+             "same dispatch/combine calls in the same order";
+    }
+    const std::string other = name(d.peer);
+    if (d.seen != d.epoch) {
+      return me + " was in " + call + " (" + DescribeSignature(d.mine) + ") but " + other +
+             " had already published call #" + std::to_string(d.seen) + " (" + DescribeSignature(d.theirs) +
+             "): the ranks are not in the same call. Fix: every rank of the axis must run the same "
+             "dispatch/combine calls in the same order";
+    }
+    return me + " ran " + DescribeSignature(d.mine) + " as " + call + " but " + other + " ran " +
+           DescribeSignature(d.theirs) + ": every rank of the axis must run the same op with the same "
+           "shapes (tokens, receive rows, row bytes, dtypes) in the same order. Fix: run one SPMD "
+           "program on every rank (no rank-dependent shapes or branches around dispatch/combine)";
+  }
   if (d.code == kDiagBadAxis) {
     return me + " saw inconsistent axis indices in " + call +
            ": the mesh axis does not match the group set up by get_buffer";
@@ -428,22 +482,88 @@ std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, i
   return "";
 }
 
-std::string LastError(int device) {
+std::string LastError(const Member& m) {
+  if (m.diag_host == nullptr) return "";
   Diag d{};
-  std::vector<std::string> names;
-  int self = -1;
-  uint64_t timeout_ns = 0;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_members.find(device);
-    if (it == g_members.end() || it->second->diag_host == nullptr) return "";
-    std::memcpy(&d, it->second->diag_host, sizeof(d));  // Written by kernels (host-mapped).
-    if (d.code == kDiagNone) return "";
-    names = it->second->names;
-    self = it->second->position;
-    timeout_ns = it->second->timeout_ns;
+  std::memcpy(&d, m.diag_host, sizeof(d));  // Written by kernels (host-mapped); code last.
+  if (d.code == kDiagNone) return "";
+  return DescribeDiag(d, m.names, m.position, m.timeout_ns.load());
+}
+
+std::string LastError(int device) {
+  std::shared_ptr<Member> m = FindMember(device);
+  return m == nullptr ? "" : LastError(*m);
+}
+
+std::string DescribeSignature(const OpSignature& s) {
+  static const char* const kinds[] = {"no call", "dispatch", "cached dispatch", "combine"};
+  const std::string kind = s.kind >= 0 && s.kind <= kOpCombine ? kinds[s.kind] : "op " + std::to_string(s.kind);
+  std::string out = kind + "(T=" + std::to_string(s.num_tokens) + ", M=" + std::to_string(s.max_recv);
+  if (s.kind == kOpCombine) {
+    static const char* const dtypes[] = {"float32", "bfloat16", "float16"};
+    out += ", row bytes " + std::to_string(s.row_bytes[0]) + ", " +
+           (s.dtype >= 0 && s.dtype <= 2 ? dtypes[s.dtype] : "dtype " + std::to_string(s.dtype));
+  } else {
+    out += ", " + std::to_string(s.num_payloads) + " payloads of " + std::to_string(s.num_streams) +
+           " arrays, row bytes [";
+    for (int i = 0; i < s.num_streams && i < kMaxStreams; ++i) {
+      out += (i ? ", " : "") + std::to_string(s.row_bytes[i]);
+    }
+    out += "]";
   }
-  return DescribeDiag(d, names, self, timeout_ns);
+  return out + ")";
+}
+
+std::string MemoryInfo(int device, size_t* free_bytes, size_t* total_bytes) {
+  if (std::string err = CheckOrdinal(device); !err.empty()) return err;
+  DeviceGuard guard;
+  cudaSetDevice(device);
+  if (cudaError_t err = cudaMemGetInfo(free_bytes, total_bytes); err != cudaSuccess) {
+    return CudaError("cudaMemGetInfo", err);
+  }
+  return "";
+}
+
+std::string CheckPeerReadable(int device, const void* ptr, int owner_device) {
+  if (std::string err = CheckOrdinal(device); !err.empty()) return err;
+  if (std::string err = CheckOrdinal(owner_device); !err.empty()) return err;
+  cudaPointerAttributes attr{};
+  if (cudaError_t err = cudaPointerGetAttributes(&attr, ptr); err != cudaSuccess) {
+    cudaGetLastError();
+    return CudaError("cudaPointerGetAttributes of an XLA buffer", err);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    return "XLA's buffers on GPU " + std::to_string(owner_device) +
+           " are not device memory (cudaPointerGetAttributes type " + std::to_string(attr.type) +
+           "), so peers cannot read them in place";
+  }
+  if (device == owner_device) return "";
+  int can = 0;
+  cudaDeviceCanAccessPeer(&can, device, owner_device);
+  if (!can) {
+    return "GPU " + std::to_string(device) + " cannot access GPU " + std::to_string(owner_device) +
+           " (no CUDA peer access)";
+  }
+  // Memory from a stream-ordered pool (cudaMallocAsync, XLA's cuda_async allocator)
+  // needs the pool's access grant for peers; peer access alone does not cover it.
+  cudaMemPool_t pool = nullptr;
+  if (std::string err = PoolOf(ptr, &pool); !err.empty()) return err;
+  if (pool != nullptr) {
+    cudaMemLocation where{};
+    where.type = cudaMemLocationTypeDevice;
+    where.id = device;
+    cudaMemAccessFlags flags = cudaMemAccessFlagsProtNone;
+    if (cudaError_t err = cudaMemPoolGetAccess(&flags, pool, &where); err != cudaSuccess) {
+      cudaGetLastError();
+      return CudaError("cudaMemPoolGetAccess", err);
+    }
+    if (flags == cudaMemAccessFlagsProtNone) {
+      return "XLA allocates from a stream-ordered memory pool on GPU " + std::to_string(owner_device) +
+             " that grants GPU " + std::to_string(device) + " no access";
+    }
+  }
+  cudaGetLastError();
+  return "";
 }
 
 size_t RegionBytes() { return sizeof(SignalRegion); }

@@ -8,8 +8,10 @@
 // processes). The kernels see the same GroupView either way (protocol.h).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,7 +19,10 @@
 
 namespace jmd {
 
-// One rank's membership in a group. Owned by the registry; handlers borrow it.
+// One rank's membership in a group. Shared by the registry and the handlers: a
+// handler holds a reference from FindMember until its launches are enqueued, and
+// the registry frees nothing of a member while a handler holds it (and waits for
+// the device, so nothing launched still uses it).
 struct Member {
   int device = -1;                     // CUDA ordinal of this rank's GPU in this process.
   int position = -1;                   // index in the group (axis order).
@@ -34,8 +39,11 @@ struct Member {
   void* mapped[kMaxRanks] = {};
   Diag* diag_host = nullptr;           // host-mapped.
   Diag* diag_device = nullptr;
-  uint64_t epoch = 0;                  // calls issued by this rank so far.
-  uint64_t timeout_ns = 0;
+  uint64_t epoch = 0;                  // calls launched by this rank so far.
+  std::atomic<uint64_t> timeout_ns{0};
+  // The stream of this rank's first call since set-up or reset: every later call
+  // must run on it (the protocol relies on the calls' program order).
+  void* stream = nullptr;
 };
 
 // Allocates a SignalRegion on every device, enables peer access between all
@@ -81,15 +89,31 @@ std::string SynchronizeAll();
 // a new call: the caller synchronises them).
 std::string ResetAll();
 
-// The usable member for a CUDA device ordinal, or nullptr.
-Member* FindMember(int device);
+// The usable member for a CUDA device ordinal, or null. The registry frees no
+// member a caller still holds (see Member).
+std::shared_ptr<Member> FindMember(int device);
 
 // A description of the last kernel failure recorded on `device`, or "".
 std::string LastError(int device);
 
+// The same for a member the caller holds (takes no lock).
+std::string LastError(const Member& m);
+
 // The words for a recorded failure of the rank at `self` (pure; tested on
 // machines without GPUs). `names` name the group's ranks by position.
 std::string DescribeDiag(const Diag& d, const std::vector<std::string>& names, int self, uint64_t timeout_ns);
+
+// "dispatch(T=.., M=.., ...)": an op signature in words, for messages.
+std::string DescribeSignature(const OpSignature& s);
+
+// Free and total bytes of device memory on `device` (cudaMemGetInfo), for leak checks.
+std::string MemoryInfo(int device, size_t* free_bytes, size_t* total_bytes);
+
+// Whether GPU `device` can read, in place, a buffer at `ptr` that XLA allocated on
+// GPU `owner_device` (what one-process groups rely on): device memory, peer access,
+// and, for memory of a stream-ordered pool (XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async),
+// the pool's access grant. "" if so, else why.
+std::string CheckPeerReadable(int device, const void* ptr, int owner_device);
 
 // Bytes of device memory one rank's signal region takes.
 size_t RegionBytes();

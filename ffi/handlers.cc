@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "group.h"
@@ -27,15 +28,23 @@ ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_moe_dispatch: " + msg);
 }
 
+// The most blocks a data kernel is launched with (far above any GPU's SM count).
+constexpr int64_t kMaxBlocks = 1 << 16;
+
 ffi::Error CudaFailure(const char* what, cudaError_t err) {
   return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) +
                               " (" + cudaGetErrorString(err) + ")");
 }
 
-// This GPU's rank, checked against the axis size and its last recorded failure;
-// makes its GPU current.
-ffi::ErrorOr<Member*> Find(int32_t device, int64_t axis_size) {
-  Member* m = FindMember(device);
+ffi::Error Invalid(const std::string& what, int64_t value) {
+  return Invalid(what + ", got " + std::to_string(value));
+}
+
+// This GPU's rank, checked against the axis size, its last recorded failure and
+// the stream of its earlier calls; makes its GPU current. The caller holds the
+// rank until its launches are enqueued (the registry frees nothing it holds).
+ffi::ErrorOr<std::shared_ptr<Member>> Find(int32_t device, int64_t axis_size, cudaStream_t stream) {
+  std::shared_ptr<Member> m = FindMember(device);
   if (m == nullptr) {
     return ffi::Unexpected(ffi::Error(
         ffi::ErrorCode::kFailedPrecondition,
@@ -50,7 +59,7 @@ ffi::ErrorOr<Member*> Find(int32_t device, int64_t axis_size) {
             std::to_string(device) + "'s buffer was set up for a group of " + std::to_string(m->size) +
             ". Fix: call get_buffer with the mesh and axis_name this op runs over."));
   }
-  if (std::string last = LastError(device); !last.empty()) {
+  if (std::string last = LastError(*m); !last.empty()) {
     return ffi::Unexpected(ffi::Error(
         ffi::ErrorCode::kFailedPrecondition,
         "jax_moe_dispatch: an earlier dispatch/combine on this GPU gave up (its results were "
@@ -58,15 +67,28 @@ ffi::ErrorOr<Member*> Find(int32_t device, int64_t axis_size) {
         "the processes or call jax_moe_dispatch.reset_hybrid_ep_buffer() in every process once "
         "every rank is idle."));
   }
+  if (m->stream == nullptr) {
+    m->stream = stream;
+  } else if (m->stream != stream) {
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        "jax_moe_dispatch: a dispatch/combine on GPU " + std::to_string(device) +
+            " runs on another CUDA stream than this GPU's earlier ones; the native protocol needs "
+            "every call of a GPU on one stream, in program order. Fix: run the native ops from one "
+            "JAX client without multi-stream execution of custom calls, or call "
+            "jax_moe_dispatch.reset_hybrid_ep_buffer() in every process, once every rank is idle, "
+            "before the first call on the new stream."));
+  }
   int current = -1;
   cudaGetDevice(&current);
   if (current != device) cudaSetDevice(device);  // For the staging copies and launches.
   return m;
 }
 
-// The kernels' view of `m`'s group for the next call; advances its epoch. Called
-// once every check of the call has passed, so that all ranks count the same calls.
-GroupView Begin(Member& m) {
+// The kernels' view of `m`'s group for its next call, whose signature is `sig`.
+// The epoch advances only in Commit, once the call's first kernel is enqueued, so
+// that a call refused or failed before launching leaves the ranks in step.
+GroupView Next(const Member& m, const OpSignature& sig) {
   GroupView g{};
   for (int i = 0; i < m.size; ++i) {
     g.regions[i] = m.regions[i];
@@ -76,9 +98,39 @@ GroupView Begin(Member& m) {
   g.size = m.size;
   g.position = m.position;
   g.device = m.device;
-  g.epoch = ++m.epoch;
-  g.timeout_ns = m.timeout_ns;
+  g.epoch = m.epoch + 1;
+  g.timeout_ns = m.timeout_ns.load();
+  g.sig = sig;
   return g;
+}
+
+// The call of view `g` is enqueued (its notify kernel publishes the epoch).
+void Commit(Member& m, const GroupView& g) { m.epoch = g.epoch; }
+
+// An attribute any caller of a registered target may set: the data kernels' grid.
+ffi::Error CheckBlocks(int64_t num_blocks) {
+  if (num_blocks < 1 || num_blocks > kMaxBlocks) {
+    return Invalid("num_blocks must be in [1, " + std::to_string(kMaxBlocks) + "]", num_blocks);
+  }
+  return ffi::Error::Success();
+}
+
+// axis_index is one int32.
+ffi::Error CheckAxisIndex(const S32Scalar& axis_index) {
+  if (axis_index.element_count() != 1) {
+    return Invalid("axis_index must hold one int32", static_cast<int64_t>(axis_index.element_count()));
+  }
+  return ffi::Error::Success();
+}
+
+// A [T, R] handle array and the rank count: R in [1, kMaxRanks], T in int32 range.
+ffi::Error CheckTokensByRanks(const char* what, int64_t num_tokens, int64_t ranks) {
+  if (ranks < 1 || ranks > kMaxRanks) {
+    return Invalid(std::string(what) + " must be [T, R] with R in [1, " + std::to_string(kMaxRanks) + "]",
+                   ranks);
+  }
+  if (num_tokens < 0 || num_tokens * ranks > INT32_MAX) return Invalid(std::string(what) + ": too many tokens", num_tokens);
+  return ffi::Error::Success();
 }
 
 // Staging offsets are multiples of this (any vector width).
@@ -156,13 +208,17 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, Staging& staging, i
   if (lists->dimensions()[0] != ranks || lists->dimensions()[1] != num_tokens) {
     return Invalid("lists must be [R, T]");
   }
-  if (num_streams != static_cast<int64_t>(rets.size()) || num_payloads > num_streams) {
-    return Invalid("dispatch needs one output per payload");
+  if (num_streams != static_cast<int64_t>(rets.size())) {
+    return Invalid("dispatch needs one output per input array; outputs", static_cast<int64_t>(rets.size()));
   }
+  if (num_payloads < 0 || num_payloads > num_streams) {
+    return Invalid("num_payloads must be in [0, " + std::to_string(num_streams) + "]", num_payloads);
+  }
+  if (max_recv < 0) return Invalid("max_recv must be >= 0", max_recv);
   if (num_streams > kMaxStreams - 1) {
     return Invalid("at most " + std::to_string(kMaxStreams - 1) + " arrays per dispatch");
   }
-  if (num_tokens * ranks > INT32_MAX || max_recv > INT32_MAX) return Invalid("too many tokens");
+  if (num_tokens * ranks > INT32_MAX || max_recv > INT32_MAX) return Invalid("too many tokens", num_tokens);
   const size_t list_bytes = static_cast<size_t>(num_tokens * ranks) * sizeof(int32_t);
   const void* inputs[kMaxStreams] = {};
   size_t input_bytes[kMaxStreams] = {};
@@ -215,14 +271,27 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, Staging& staging, i
   return ffi::Error::Success();
 }
 
-int Blocks(int64_t num_blocks) { return num_blocks < 1 ? 1 : static_cast<int>(num_blocks); }
+// What every rank of a dispatch must agree on.
+OpSignature DispatchSignature(OpKind kind, const DispatchParams& p, int64_t num_payloads) {
+  OpSignature sig{};
+  sig.kind = kind;
+  sig.num_tokens = p.num_tokens;
+  sig.max_recv = p.max_recv;
+  sig.num_streams = p.num_streams;
+  sig.num_payloads = static_cast<int32_t>(num_payloads);
+  for (int i = 0; i < p.num_streams; ++i) sig.row_bytes[i] = p.streams[i].bytes;
+  return sig;
+}
 
-ffi::Error Launch(const GroupView& g, const NotifyParams& n, const DispatchParams& p, int64_t num_blocks,
-                  cudaStream_t stream) {
+// Enqueues notify, then the data kernel `launch_data(view)`; the epoch advances once
+// notify is enqueued (from then on peers can see this call).
+template <typename LaunchData>
+ffi::Error LaunchCall(Member& m, const OpSignature& sig, const NotifyParams& n, cudaStream_t stream,
+                      const char* what, LaunchData launch_data) {
+  const GroupView g = Next(m, sig);
   if (cudaError_t err = LaunchNotify(g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  if (cudaError_t err = LaunchDispatch(g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
-    return CudaFailure("dispatch launch", err);
-  }
+  Commit(m, g);
+  if (cudaError_t err = launch_data(g); err != cudaSuccess) return CudaFailure(what, err);
   return ffi::Error::Success();
 }
 
@@ -231,16 +300,19 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_inde
                         ffi::Result<S32Vector> dest_offset, ffi::Result<S32Vector> recv_count,
                         ffi::Result<S32Vector> recv_token, ffi::Result<S32Matrix> lists, ffi::RemainingRets rets,
                         int64_t num_payloads, int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
+  if (auto err = CheckAxisIndex(axis_index); err.failure()) return err;
   auto mask_dims = dest_mask.dimensions();
   if (dest_mask.element_type() != ffi::DataType::PRED || mask_dims.size() != 2) {
-    return Invalid("dest_mask must be bool [T, R]");
+    return Invalid("dest_mask must be bool [T, R]; rank", static_cast<int64_t>(mask_dims.size()));
   }
   const int64_t num_tokens = mask_dims[0], ranks = mask_dims[1];
+  if (auto err = CheckTokensByRanks("dest_mask", num_tokens, ranks); err.failure()) return err;
   if (send_pos->dimensions()[0] != num_tokens || send_pos->dimensions()[1] != ranks ||
       dest_offset->dimensions()[0] != ranks || recv_count->dimensions()[0] != ranks) {
     return Invalid("send_pos must be [T, R], dest_offset and recv_count [R]");
   }
-  auto m = Find(device, ranks);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   DispatchParams p{};
   NotifyParams n{};
@@ -256,15 +328,19 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_inde
   n.send_pos = send_pos->typed_data();
   n.dest_offset = dest_offset->typed_data();
   n.recv_count = recv_count->typed_data();
-  return Launch(Begin(**m), n, p, num_blocks, stream);
+  return LaunchCall(**m, DispatchSignature(kOpDispatch, p, num_payloads), n, stream, "dispatch launch",
+                    [&](const GroupView& g) { return LaunchDispatch(g, p, static_cast<int>(num_blocks), stream); });
 }
 
 ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
                               S32Vector recv_count, ffi::RemainingArgs args, ffi::Result<S32Matrix> lists,
                               ffi::RemainingRets rets, int64_t max_recv, int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
+  if (auto err = CheckAxisIndex(axis_index); err.failure()) return err;
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
-  if (recv_count.dimensions()[0] != ranks) return Invalid("recv_count must be [R]");
-  auto m = Find(device, ranks);
+  if (auto err = CheckTokensByRanks("send_pos", num_tokens, ranks); err.failure()) return err;
+  if (recv_count.dimensions()[0] != ranks) return Invalid("recv_count must be [R]; length", recv_count.dimensions()[0]);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   DispatchParams p{};
   NotifyParams n{};
@@ -276,28 +352,37 @@ ffi::Error DispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axi
   n.axis_index = axis_index.typed_data();
   n.kept_pos = send_pos.typed_data();
   n.cached_recv = recv_count.typed_data();
-  return Launch(Begin(**m), n, p, num_blocks, stream);
+  return LaunchCall(**m, DispatchSignature(kOpDispatchCached, p, static_cast<int64_t>(args.size())), n, stream,
+                    "dispatch launch",
+                    [&](const GroupView& g) { return LaunchDispatch(g, p, static_cast<int>(num_blocks), stream); });
 }
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
                        S32Vector dest_offset,
                        ffi::AnyBuffer rows, ffi::Result<ffi::AnyBuffer> out, int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
+  if (auto err = CheckAxisIndex(axis_index); err.failure()) return err;
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
+  if (auto err = CheckTokensByRanks("send_pos", num_tokens, ranks); err.failure()) return err;
   auto rows_dims = rows.dimensions();
   auto out_dims = out->dimensions();
   if (rows_dims.size() != 2 || out_dims.size() != 2 || out_dims[0] != num_tokens ||
       out_dims[1] != rows_dims[1] || rows.element_type() != out->element_type()) {
     return Invalid("combine takes rows [M, H] and returns [T, H] of the same dtype");
   }
+  if (rows_dims[0] > INT32_MAX) return Invalid("combine rows [M, H] need M < 2^31; M", rows_dims[0]);
+  if (rows_dims[1] > INT32_MAX / 4) return Invalid("combine rows [M, H] need rows under 2 GiB; H", rows_dims[1]);
   CombineParams p{};
   switch (rows.element_type()) {
     case ffi::DataType::F32: p.dtype = Dtype::kF32; break;
     case ffi::DataType::BF16: p.dtype = Dtype::kBF16; break;
     case ffi::DataType::F16: p.dtype = Dtype::kF16; break;
-    default: return Invalid("combine rows must be float32, bfloat16 or float16");
+    default:
+      return Invalid("combine rows must be float32, bfloat16 or float16; XLA type",
+                     static_cast<int64_t>(rows.element_type()));
   }
-  if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]");
-  auto m = Find(device, ranks);
+  if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]; length", dest_offset.dimensions()[0]);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   Staging staging(**m, stream);
   if (auto err = staging.Reserve(Aligned(rows.size_bytes()), "combine"); err.failure()) return err;
@@ -312,12 +397,17 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index
   p.out = out->untyped_data();
   p.num_tokens = static_cast<int32_t>(num_tokens);
   p.hidden = static_cast<int32_t>(rows_dims[1]);
-  const GroupView g = Begin(**m);
-  if (cudaError_t err = LaunchNotify(g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  if (cudaError_t err = LaunchCombine(g, p, Blocks(num_blocks), stream); err != cudaSuccess) {
-    return CudaFailure("combine launch", err);
-  }
-  return ffi::Error::Success();
+  p.max_recv = n.max_recv;
+  OpSignature sig{};
+  sig.kind = kOpCombine;
+  sig.num_tokens = p.num_tokens;
+  sig.max_recv = p.max_recv;
+  sig.num_streams = 1;
+  sig.num_payloads = 1;
+  sig.dtype = static_cast<int32_t>(p.dtype);
+  sig.row_bytes[0] = static_cast<int32_t>(RowBytes(rows, 1));
+  return LaunchCall(**m, sig, n, stream, "combine launch",
+                    [&](const GroupView& g) { return LaunchCombine(g, p, static_cast<int>(num_blocks), stream); });
 }
 
 }  // namespace

@@ -31,32 +31,51 @@ __device__ __forceinline__ void StoreRelease(uint64_t* p, uint64_t v) {
 // Records what went wrong in host-mapped memory. The kernels do not trap (a trap
 // would take the CUDA context, and the diagnosis, down with it): the call gives up,
 // and the handler of this GPU's next call returns the diagnosis as an XLA error.
-__device__ void Fail(const GroupView& g, int32_t code, int32_t stage, int32_t peer, uint64_t seen) {
+// The first failure is kept: the claim is an atomicCAS in this GPU's own region
+// (device memory), and `code` is stored last, so the host never reads a half-filled
+// Diag. `theirs` (may be null) is the peer's published signature.
+__device__ void Fail(const GroupView& g, int32_t code, int32_t stage, int32_t peer, uint64_t seen,
+                     const OpSignature* theirs = nullptr) {
+  if (atomicCAS(&g.regions[g.position]->layout.fail_claimed, 0, 1) != 0) return;
   volatile Diag* d = g.diag;
-  if (d->code != kDiagNone) return;  // Keep the first failure.
   d->stage = stage;
   d->peer = peer;
   d->device = g.device;
   d->epoch = g.epoch;
   d->seen = seen;
+  const int32_t* mine = reinterpret_cast<const int32_t*>(&g.sig);
+  const int32_t* other = reinterpret_cast<const int32_t*>(theirs);
+  volatile int32_t* out_mine = reinterpret_cast<volatile int32_t*>(&d->mine);
+  volatile int32_t* out_theirs = reinterpret_cast<volatile int32_t*>(&d->theirs);
+  for (int i = 0; i < static_cast<int>(sizeof(OpSignature) / sizeof(int32_t)); ++i) {
+    out_mine[i] = mine[i];
+    out_theirs[i] = other != nullptr ? other[i] : 0;
+  }
   __threadfence_system();
   d->code = code;
   __threadfence_system();
 }
 
-// Waits until *flag >= the current epoch; false (recorded) after the timeout.
-__device__ bool WaitForEpoch(const uint64_t* flag, const GroupView& g, int32_t stage, int32_t peer) {
-  uint64_t seen = LoadAcquire(flag);
-  if (seen >= g.epoch) return true;
+enum Arrival : int32_t { kArrived = 0, kAhead = 1, kTimedOut = 2 };
+
+// Waits until *flag == the current epoch. A flag past the epoch is a peer in a later
+// call (kAhead: the caller records the mismatch); a flag that stays below it past
+// the timeout is recorded here (kTimedOut). `seen` gets the last flag read.
+__device__ Arrival WaitForEpoch(const uint64_t* flag, const GroupView& g, int32_t stage, int32_t peer,
+                                uint64_t* seen) {
+  uint64_t v = LoadAcquire(flag);
   const uint64_t start = GlobalTimer();
-  while ((seen = LoadAcquire(flag)) < g.epoch) {
+  while (v < g.epoch) {
     if (GlobalTimer() - start > g.timeout_ns) {
-      Fail(g, kDiagTimeout, stage, peer, seen);
-      return false;
+      *seen = v;
+      Fail(g, kDiagTimeout, stage, peer, v);
+      return kTimedOut;
     }
     __nanosleep(32);
+    v = LoadAcquire(flag);
   }
-  return true;
+  *seen = v;
+  return v == g.epoch ? kArrived : kAhead;
 }
 
 // The last block of a data kernel to finish tells every peer that this rank is done
@@ -75,7 +94,10 @@ __device__ void Finish(const GroupView& g, SignalRegion* mine) {
   __threadfence_system();
   if (threadIdx.x < g.size) {
     StoreRelease(&g.regions[threadIdx.x]->done[g.position], g.epoch);
-    WaitForEpoch(&mine->done[threadIdx.x], g, kStageDone, threadIdx.x);  // Failure recorded.
+    uint64_t seen = 0;
+    if (WaitForEpoch(&mine->done[threadIdx.x], g, kStageDone, threadIdx.x, &seen) == kAhead) {
+      Fail(g, kDiagMismatch, kStageDone, threadIdx.x, seen);  // That peer finished a later call.
+    }
   }
   __threadfence_system();
 }
@@ -163,18 +185,27 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, c
     const int64_t total = static_cast<int64_t>(p.num_tokens) * size;
     for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
       const int pos = p.kept_pos[i];
-      if (pos >= 0) p.lists[(i % size) * p.num_tokens + pos] = static_cast<int32_t>(i / size);
+      if (pos >= 0 && pos < p.num_tokens) {  // Out of range: not a kept position (no write).
+        p.lists[(i % size) * p.num_tokens + pos] = static_cast<int32_t>(i / size);
+        atomicAdd(&counts[i % size], 1);  // Bounds what a receiver reads of this list.
+      }
     }
   }
   __threadfence_system();  // The lists are complete before peers can see their address.
   __syncthreads();
 
-  if (warp < size) {  // Publish into member `warp`'s slot for me.
+  if (warp < size) {  // Publish into member `warp`'s slot for me: flag cleared, content, flag.
     Slot* slot = &g.regions[warp]->slots[g.position];
     volatile Slot* out = slot;
+    if (lane == 0) out->flag = 0;
+    __threadfence_system();
+    __syncwarp();
     if (lane == 0) out->axis_index = me;
     if (lane < size) out->counts[lane] = counts[lane];
     if (lane < kMaxStreams) out->ptrs[lane] = p.ptrs[lane];
+    if (lane < static_cast<int>(sizeof(OpSignature) / sizeof(int32_t))) {
+      reinterpret_cast<volatile int32_t*>(&out->sig)[lane] = reinterpret_cast<const int32_t*>(&g.sig)[lane];
+    }
     __threadfence_system();
     __syncwarp();
     if (lane == 0) StoreRelease(&slot->flag, g.epoch);
@@ -182,22 +213,46 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, c
   if (warp < size) {  // Read what member `warp` published for me.
     Slot* slot = &mine->slots[warp];
     const uint64_t delta = static_cast<uint64_t>(g.delta[warp]);
-    int arrived = 1;
-    if (lane == 0) arrived = WaitForEpoch(&slot->flag, g, kStageNotify, warp);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
+    int status = kArrived;
+    uint64_t seen = 0;
+    if (lane == 0) status = WaitForEpoch(&slot->flag, g, kStageNotify, warp, &seen);
+    status = __shfl_sync(0xffffffffu, status, 0);
     int axis = -1;
-    if (arrived) {
+    if (status != kTimedOut) {
       LoadAcquire(&slot->flag);  // Every lane acquires before reading the content.
       volatile Slot* in = slot;
-      axis = in->axis_index;
-      if (axis >= 0 && axis < size) {
-        if (lane < size) layout.counts[axis][lane] = in->counts[lane];
-        // In this rank's address space (the publisher's own, plus its delta).
-        if (lane < kMaxStreams) layout.ptrs[axis][lane] = in->ptrs[lane] + delta;
+      OpSignature theirs;
+      int32_t* words = reinterpret_cast<int32_t*>(&theirs);
+      for (int i = 0; i < static_cast<int>(sizeof(OpSignature) / sizeof(int32_t)); ++i) {
+        words[i] = reinterpret_cast<volatile int32_t*>(&in->sig)[i];
       }
-    } else if (lane == 0) {
-      aborted = 1;
+      const int published_axis = in->axis_index;
+      const int count = lane < size ? in->counts[lane] : 0;
+      const uint64_t ptr = lane < kMaxStreams ? in->ptrs[lane] : 0;
+      __threadfence_system();
+      __syncwarp();
+      if (lane == 0 && status == kArrived) {
+        const uint64_t again = LoadAcquire(&slot->flag);  // Unchanged: the content is this call's.
+        if (again != g.epoch) {
+          status = kAhead;
+          seen = again;
+        } else if (!SameSignature(theirs, g.sig)) {
+          status = kAhead;  // Same epoch, another op or shape: a mismatch all the same.
+        }
+      }
+      status = __shfl_sync(0xffffffffu, status, 0);
+      if (status == kArrived) {
+        axis = published_axis;
+        if (axis >= 0 && axis < size) {
+          if (lane < size) layout.counts[axis][lane] = count;
+          // In this rank's address space (the publisher's own, plus its delta).
+          if (lane < kMaxStreams) layout.ptrs[axis][lane] = ptr + delta;
+        }
+      } else if (lane == 0) {
+        Fail(g, kDiagMismatch, kStageNotify, warp, seen, &theirs);
+      }
     }
+    if (lane == 0 && status != kArrived) aborted = 1;
     if (lane == 0) axis_of[warp] = axis;
   }
   __syncthreads();
@@ -231,7 +286,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, c
     int start = 0;
     for (int s = 0; s < size; ++s) {
       layout.recv_start[s] = start;
-      const int count = p.cached_recv != nullptr ? p.cached_recv[s] : layout.counts[s][me];
+      // Cached: the handle's count, never more than the source's list holds.
+      const int count = p.cached_recv != nullptr ? min(p.cached_recv[s], layout.counts[s][me]) : layout.counts[s][me];
       start += max(0, min(count, p.max_recv - start));
     }
     layout.recv_start[size] = start;
@@ -286,24 +342,37 @@ __device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
   return s;
 }
 
+// Source s's token of receive row `row`, or -1 when the list holds no valid token
+// there (only a handle not made by this library's dispatch gives such lists): that
+// row is then zeroed instead of read.
+__device__ __forceinline__ int TokenOf(const Sources& src, int s, int row, int num_tokens) {
+  const int t = src.list[s][row - src.start[s]];
+  return t >= 0 && t < num_tokens ? t : -1;
+}
+
 template <int W>
 __device__ __forceinline__ void PullSmall(const Stream& st, int index, const Sources& src, int size, int me,
-                                          int num_recv, int64_t tid, int64_t nthreads) {
+                                          int num_recv, int num_tokens, int64_t tid, int64_t nthreads) {
   using V = typename VecOf<W>::T;
   const int nvec = st.bytes / W;
   const int64_t total = static_cast<int64_t>(num_recv) * nvec;
   for (int64_t idx = tid; idx < total; idx += nthreads) {
     const int row = static_cast<int>(idx / nvec), i = static_cast<int>(idx % nvec);
     const int s = SourceOf(src, size, row);
-    const int t = src.list[s][row - src.start[s]];
-    const V* in = reinterpret_cast<const V*>(src.base[index][s] + t * st.tok_stride + me * st.dest_stride);
-    reinterpret_cast<V*>(st.dst + static_cast<int64_t>(row) * st.bytes)[i] = __ldg(in + i);
+    const int t = TokenOf(src, s, row, num_tokens);
+    V v{};
+    if (t >= 0) {
+      v = __ldg(reinterpret_cast<const V*>(src.base[index][s] + t * st.tok_stride + me * st.dest_stride) + i);
+    }
+    reinterpret_cast<V*>(st.dst + static_cast<int64_t>(row) * st.bytes)[i] = v;
   }
 }
 
-// Copies two rows at once (the second may be absent), so that each lane has
-// 2 x kCopyUnroll vectors in flight: the copy is bound by load latency.
 __device__ __forceinline__ bool IsLong(const Stream& st) { return st.bytes >= kLongRow && st.width == 16; }
+
+// Copies two rows at once (the second is absent when dst1 is null), so that each
+// lane has 2 x kCopyUnroll vectors in flight: the copy is bound by load latency. A
+// null source gives a zero row.
 
 __device__ __forceinline__ void PullRows(const char* src0, char* dst0, const char* src1, char* dst1, int bytes,
                                          int lane) {
@@ -318,14 +387,14 @@ __device__ __forceinline__ void PullRows(const char* src0, char* dst0, const cha
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = base + u * 32 + lane;
-      if (i < nvec) v0[u] = __ldg(in0 + i);
-      if (i < nvec && in1 != nullptr) v1[u] = __ldg(in1 + i);
+      if (i < nvec) v0[u] = in0 != nullptr ? __ldg(in0 + i) : V{};
+      if (i < nvec && out1 != nullptr) v1[u] = in1 != nullptr ? __ldg(in1 + i) : V{};
     }
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int i = base + u * 32 + lane;
       if (i < nvec) out0[i] = v0[u];
-      if (i < nvec && in1 != nullptr) out1[i] = v1[u];
+      if (i < nvec && out1 != nullptr) out1[i] = v1[u];
     }
   }
 }
@@ -367,12 +436,12 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
   for (int k = 0; k < p.num_streams; ++k) {
     const Stream& st = p.streams[k];
     if (IsLong(st)) continue;
-    JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, tid, nthreads));
+    JMD_SWITCH_WIDTH(st.width, PullSmall<W>(st, k, src, size, me, num_recv, p.num_tokens, tid, nthreads));
   }
   if (p.recv_token != nullptr) {
     for (int64_t row = tid; row < num_recv; row += nthreads) {
       const int s = SourceOf(src, size, static_cast<int>(row));
-      p.recv_token[row] = src.list[s][row - src.start[s]];
+      p.recv_token[row] = TokenOf(src, s, static_cast<int>(row), p.num_tokens);
     }
   }
   // Long rows: a warp per two rows (row and row + total_warps), copied together.
@@ -382,15 +451,15 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(GroupView g, const __
     const int row1 = row + total_warps;
     const bool two = row1 < num_recv;
     const int s0 = SourceOf(src, size, row), s1 = two ? SourceOf(src, size, row1) : 0;
-    const int64_t t0 = src.list[s0][row - src.start[s0]];
-    const int64_t t1 = two ? src.list[s1][row1 - src.start[s1]] : 0;
+    const int64_t t0 = TokenOf(src, s0, row, p.num_tokens);
+    const int64_t t1 = two ? TokenOf(src, s1, row1, p.num_tokens) : -1;
     for (int k = 0; k < p.num_streams; ++k) {
       const Stream& st = p.streams[k];
       if (!IsLong(st)) continue;
-      const char* in0 = src.base[k][s0] + t0 * st.tok_stride + me * st.dest_stride;
-      const char* in1 = two ? src.base[k][s1] + t1 * st.tok_stride + me * st.dest_stride : nullptr;
+      const char* in0 = t0 >= 0 ? src.base[k][s0] + t0 * st.tok_stride + me * st.dest_stride : nullptr;
+      const char* in1 = t1 >= 0 ? src.base[k][s1] + t1 * st.tok_stride + me * st.dest_stride : nullptr;
       char* out0 = st.dst + static_cast<int64_t>(row) * st.bytes;
-      char* out1 = st.dst + static_cast<int64_t>(row1) * st.bytes;
+      char* out1 = two ? st.dst + static_cast<int64_t>(row1) * st.bytes : nullptr;
       PullRows(in0, out0, in1, out1, st.bytes, lane);
     }
   }
@@ -482,7 +551,10 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(GroupView g, const __g
     int row = -1;
     if (lane < size) {
       const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
-      if (pos >= 0) row = offset[lane] + pos;
+      // Rows outside the M rows every rank holds (signature-checked) are never read.
+      if (pos >= 0 && offset[lane] >= 0 && static_cast<int64_t>(offset[lane]) + pos < p.max_recv) {
+        row = offset[lane] + pos;
+      }
     }
     const T* src[RB];
 #pragma unroll

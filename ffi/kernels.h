@@ -63,6 +63,7 @@ struct CombineParams {
   void* out;                     // [T, H] this rank's tokens.
   int32_t num_tokens;
   int32_t hidden;                // elements per row.
+  int32_t max_recv;              // M: rows of every rank's input.
   Dtype dtype;
 };
 

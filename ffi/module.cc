@@ -3,6 +3,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,6 +26,15 @@ template <typename F>
 std::string Unlocked(F&& fn) {
   nb::gil_scoped_release release;
   return fn();
+}
+
+// An OpSignature from its fields in declaration order (missing ones are 0).
+jmd::OpSignature Signature(const std::vector<int>& fields) {
+  jmd::OpSignature sig{};
+  int32_t* out = reinterpret_cast<int32_t*>(&sig);
+  const size_t n = std::min(fields.size(), sizeof(sig) / sizeof(int32_t));
+  for (size_t i = 0; i < n; ++i) out[i] = fields[i];
+  return sig;
 }
 
 template <typename T>
@@ -76,12 +87,26 @@ NB_MODULE(_jmd_ext, m) {
         "Wait until this process's GPUs of every group are idle.");
   m.def("reset", []() { Check(Unlocked(jmd::ResetAll)); },
         "Zero this process's signal regions and call counters (its GPUs must be idle).");
-  m.def("last_error", &jmd::LastError, nb::arg("device"),
+  m.def("last_error", [](int device) { return jmd::LastError(device); }, nb::arg("device"),
         "What the last failed kernel on this GPU recorded (timeout, bad axis), or ''.");
   m.def("_describe_diag", [](int code, int stage, int peer, int device, uint64_t epoch, uint64_t seen,
-                             const std::vector<std::string>& names, int self, double timeout_s) {
-    jmd::Diag d{code, stage, peer, device, epoch, seen};
+                             const std::vector<std::string>& names, int self, double timeout_s,
+                             const std::vector<int>& mine, const std::vector<int>& theirs) {
+    jmd::Diag d{code, stage, peer, device, epoch, seen, Signature(mine), Signature(theirs)};
     return jmd::DescribeDiag(d, names, self, static_cast<uint64_t>(timeout_s * 1e9));
-  }, "Test hook: the message for a failure recorded by the rank at group position `self`.");
+  }, nb::arg("code"), nb::arg("stage"), nb::arg("peer"), nb::arg("device"), nb::arg("epoch"),
+     nb::arg("seen"), nb::arg("names"), nb::arg("self"), nb::arg("timeout_s"),
+     nb::arg("mine") = std::vector<int>(), nb::arg("theirs") = std::vector<int>(),
+     "Test hook: the message for a failure recorded by the rank at group position `self`; "
+     "`mine` and `theirs` are op signatures as [kind, T, M, streams, payloads, dtype, row bytes...].");
+  m.def("mem_info", [](int device) {
+    size_t free_bytes = 0, total_bytes = 0;
+    Check(jmd::MemoryInfo(device, &free_bytes, &total_bytes));
+    return nb::make_tuple(free_bytes, total_bytes);
+  }, nb::arg("device"), "(free, total) bytes of device memory on a CUDA ordinal (cudaMemGetInfo).");
+  m.def("check_peer_readable", [](int device, uintptr_t ptr, int owner_device) {
+    return jmd::CheckPeerReadable(device, reinterpret_cast<const void*>(ptr), owner_device);
+  }, nb::arg("device"), nb::arg("ptr"), nb::arg("owner_device"),
+     "'' if GPU `device` can read in place the XLA buffer at `ptr` on GPU `owner_device`, else why.");
   m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
 }

@@ -7,6 +7,8 @@
 #   tests  python3 -m pytest -m gpu -q --timeout 300 tests                  -> $OUT/tests.log
 #          (on one GPU too: grouped-GEMM kernels, native ep=1, and the multi-rank cases with
 #          N processes sharing one GPU as N ranks)
+#   sanitize  bash scripts/sanitize.sh (only with SANITIZE=1; ~4 min)       -> $OUT/sanitize.log
+#          (compute-sanitizer memcheck/racecheck/synccheck over the native kernels at ep 1, 2, 4)
 #   bench  python3 -m jax_moe_dispatch.bench, one suite after another       -> $OUT/bench_<suite>.{log,csv}
 #          (BENCH_SUITES, default "gemm moe dispatch": grouped GEMMs, the MoE layer, dispatch/combine
 #          at every ep size the GPUs allow), under what is left of the time budget
@@ -22,6 +24,7 @@
 #   TEST_ARGS="..."     appended to the pytest command line
 #   ROUND_BUDGET_S=570  seconds for the whole script; the bench gets what is left
 #   KEEP_GOING=1        run later stages after a failed one
+#   SANITIZE=1          run the sanitize stage (SANITIZE_* variables: see scripts/sanitize.sh)
 #   OUT=dir             where logs and results go (default ./bench_out); at most 8 files come back
 #
 # NVLink multicast must stay off on these machines: the variables below are exported
@@ -150,6 +153,19 @@ stage_tests() {
   return $rc
 }
 
+stage_sanitize() {
+  local left=$(( $(remaining) - ${BENCH_RESERVE_S:-200} ))
+  (( left > 240 )) && left=240
+  (( left < 60 )) && { echo "only ${left}s left for the sanitizer"; return 4; }
+  # Its per-run logs stay on the machine (at most 8 files come back); the log has the table
+  # and the sanitizer's report lines of every run that found something.
+  OUT="$RUN_DIR/sanitize_out" SANITIZE_BUDGET_S=${SANITIZE_BUDGET_S:-$left} PYTHON="$PY" \
+      bash "$REPO/scripts/sanitize.sh" > "$OUT_DIR/sanitize.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT_DIR/sanitize.log"
+  return $rc
+}
+
 stage_bench() {
   local n eps left rc suites=(${BENCH_SUITES:-gemm moe dispatch}) i=0 status=0
   n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -186,6 +202,11 @@ run_stage info SKIP_INFO stage_info
 run_stage build SKIP_BUILD stage_build
 if [[ -n ${SKIP_BUILD:-} && $SKIP_BUILD != 0 ]]; then probe_package > /dev/null; fi
 run_stage tests SKIP_TESTS stage_tests
+if [[ ${SANITIZE:-0} == 1 ]]; then
+  run_stage sanitize SKIP_SANITIZE stage_sanitize
+else
+  record sanitize "SKIP(SANITIZE unset)" 0
+fi
 run_stage bench SKIP_BENCH stage_bench
 
 {

@@ -10,6 +10,7 @@ native result against the numpy float64 oracle. Skipped without GPUs; fails
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,14 @@ def test_gradients_equal_reference_and_numeric(ep):
 
 @pytest.mark.parametrize("pad", [None, 16])
 def test_hybrid_ep_bitwise_with_grads(ep, pad):
+  """Every output of hybrid dispatch + combine vs the reference and the oracle, bit for bit.
+
+  The combine's input is the permuted rows times powers of two (exact in any
+  precision, so XLA's excess-precision fusions cannot change it), and its float32
+  sums are exact (bfloat16 values in [0.05, 20], K <= 3 terms need under 24
+  mantissa bits), so the oracle's float64 sum rounded once to bfloat16 is the
+  result whatever the order of the adds.
+  """
   T, K, L, Hd = 29, 3, 4, 40
   E = ep * L
   rng = rng_for("hybrid", ep, pad)
@@ -141,44 +150,89 @@ def test_hybrid_ep_bitwise_with_grads(ep, pad):
   rmap, dprobs = oracle.topk_to_map(idx, probs, E)
   x = H.rand(rng, (ep, T, Hd), np.float32).astype(jnp.bfloat16)
 
+  def scale(n):  # [n, 1] powers of two.
+    return (2.0 ** (np.arange(n) % 3))[:, None]
+
   def fn(impl, x, rmap, dprobs):
     def loss(x, dprobs):
       px, pprobs, _, tpe, handle = jmd.hybrid_ep_dispatch(
           x, rmap, dprobs, L, "ep", topk=K, pad_multiple=pad, implementation=impl)
-      y = jmd.hybrid_ep_combine(px * pprobs[:, None].astype(px.dtype), handle, "ep",
+      y = jmd.hybrid_ep_combine(px * jnp.asarray(scale(px.shape[0]), px.dtype), handle, "ep",
                                 implementation=impl)
-      return y.astype(jnp.float32).sum(), (px, pprobs, tpe, handle, y)
+      total = y.astype(jnp.float32).sum() + (pprobs * jnp.asarray(scale(px.shape[0])[:, 0], pprobs.dtype)).sum()
+      return total, (px, pprobs, tpe, handle, y)
 
     (_, aux), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, dprobs)
     return aux, g
 
   out = both(fn, ep, x, rmap, dprobs)
   assert_same(out["native"], out["reference"], "hybrid")
+  (px, pprobs, tpe, handle, y), _ = out["native"]
   want = oracle.hybrid_dispatch(x, rmap, dprobs, L, pad_multiple=pad or 1, topk=K)
-  H.assert_bitwise(out["native"][0][0], want["permuted_x"], "permuted_x vs oracle")
+  lay = want["layout"]
+  H.assert_bitwise(px, want["permuted_x"], "permuted_x vs oracle")
+  H.assert_bitwise(pprobs, want["permuted_probs"], "permuted_probs vs oracle")
+  H.assert_equal_int(tpe, want["tokens_per_expert"], "tokens_per_expert vs oracle")
+  H.assert_equal_int(handle.dispatch.send_pos, lay.send_pos, "handle send_pos vs oracle")
+  H.assert_equal_int(handle.dispatch.dest_offset, lay.dest_offset, "handle dest_offset vs oracle")
+  H.assert_equal_int(handle.dispatch.recv_count, lay.recv_count, "handle recv_count vs oracle")
+  H.assert_equal_int(handle.dispatch.recv_token, lay.recv_token, "handle recv_token vs oracle")
+  H.assert_equal_int(handle.permutation.perm_row, want["perm_row"], "handle perm_row vs oracle")
+  H.assert_equal_int(handle.permutation.src_row, want["src_row"], "handle src_row vs oracle")
+  weighted = want["permuted_x"].astype(np.float64) * scale(want["num_rows"])[None]
+  H.assert_bitwise(y, oracle.hybrid_combine(want, weighted).astype(jnp.bfloat16), "combine vs oracle")
+
+
+def _bits(a: jax.Array) -> jax.Array:
+  """``a``'s bits as unsigned ints of its width (integers as they are)."""
+  if jnp.issubdtype(a.dtype, jnp.integer):
+    return a
+  return jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize])
 
 
 def test_thousand_calls_fresh_routing(ep):
-  """1000 dispatch+combine pairs in one jitted loop, native vs reference on each."""
+  """1000 calls in one jitted loop, native vs reference on each, every output compared.
+
+  Each iteration draws fresh routing and probabilities, then runs a bfloat16
+  dispatch + combine with a small receive buffer (rows are dropped) and a
+  float32 dispatch + combine through its backward pass (cached dispatch and a
+  combine of gradients). Forward outputs and gradients must be bit-identical.
+  """
   T, K, E, Hd, n = 64, 4, 8 * ep, 128, 1000
+  max_recv = T  # Below what most ranks receive: the last sources' rows are dropped.
 
   def per_rank(seed):
     me = jax.lax.axis_index("ep")
 
     def body(i, bad):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), i), me)
-      k1, k2, k3 = jax.random.split(key, 3)
+      k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
       scores = jax.random.uniform(k1, (T, E))
       idx = jax.lax.top_k(scores, K)[1].astype(jnp.int32)
       idx = jnp.where(jax.random.uniform(k2, (T, K)) < 0.1, -1, idx)
-      probs = jnp.where(idx >= 0, 0.5, 0.0)
-      x = jax.random.normal(k3, (T, Hd), jnp.float32).astype(jnp.bfloat16)
+      probs = jnp.where(idx >= 0, jax.random.uniform(k4, (T, K)) + 0.1, 0.0)
+      x = jax.random.normal(k3, (T, Hd), jnp.float32)
+      cot = jax.random.normal(k5, (T, Hd), jnp.float32)
       outs = []
       for impl in IMPLS:
-        recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation=impl)
-        outs.append((recv_x, jmd.fused_combine(recv_x, handle, "ep", implementation=impl)))
-      (a, ya), (b, yb) = outs
-      mismatch = (a != b).sum() + (ya != yb).sum()
+        recv_x, _, recv_probs, tpe, handle = jmd.fused_dispatch(
+            x.astype(jnp.bfloat16), idx, probs, E, "ep", max_recv_tokens=max_recv,
+            implementation=impl)
+        y = jmd.fused_combine(recv_x, handle, "ep", implementation=impl)
+
+        def loss(x, probs, impl=impl):
+          # Linear in the ops' outputs: the gradients are the ops' own backward passes
+          # (a cached dispatch and combines), with no XLA reduction of their own.
+          rx, _, rp, _, h = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation=impl)
+          weight = (jnp.arange(rx.shape[0]) % 3 + 1).astype(rx.dtype)[:, None]
+          cot_p = jax.random.normal(k6, rp.shape, rp.dtype)
+          y = jmd.fused_combine(rx * weight, h, "ep", implementation=impl)
+          return (y * cot).sum() + (rp * cot_p).sum()
+
+        grads = jax.grad(loss, argnums=(0, 1))(x, probs)
+        outs.append((recv_x, recv_probs, tpe, handle, y, grads))
+      (a, b) = [jax.tree.leaves(o) for o in outs]
+      mismatch = sum((_bits(u) != _bits(v)).sum() for u, v in zip(a, b))
       return bad + mismatch.astype(jnp.int32)
 
     zero = (me * 0).astype(jnp.int32)  # Varying over "ep", like the loop's result.
@@ -189,6 +243,108 @@ def test_thousand_calls_fresh_routing(ep):
   bad = H.to_np(H.ep_map(per_rank, ep)(seeds))
   assert (bad == 0).all(), f"native differs from reference in {bad.tolist()} elements over {n} calls"
   assert time.perf_counter() - start < 240
+
+
+def _one_gpu():
+  """This machine's first GPU with a native buffer of its own (a group of one)."""
+  if gpu_count() < 1:
+    pytest.skip("needs a GPU")
+  from jax_moe_dispatch.backends import native
+
+  assert native.native_available(), native.native_unavailable_reason()
+  gpu = jax.devices("gpu")[0]
+  buffer.get_buffer([gpu], 256)
+  return gpu, native.extension()
+
+
+def _raw_combine(send_pos, rows, *, num_blocks=1, axis_index=None):
+  """jmd_combine called directly, as any caller of the registered target could."""
+  axis_index = jnp.zeros((1,), jnp.int32) if axis_index is None else axis_index
+  send_pos = jnp.asarray(send_pos, jnp.int32)
+  return jax.ffi.ffi_call(
+      "jmd_combine", jax.ShapeDtypeStruct((send_pos.shape[0], rows.shape[1]), rows.dtype),
+      has_side_effect=True)(axis_index, send_pos, jnp.zeros((1,), jnp.int32), rows,
+                            num_blocks=np.int64(num_blocks))
+
+
+def _raw_dispatch(x, *, num_payloads=1, num_blocks=1, max_recv=8):
+  """jmd_dispatch called directly (one rank), every token sent to it."""
+  T = x.shape[0]
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  outs = [i32(T, 1), i32(1), i32(1), i32(max_recv), i32(1, T),
+          jax.ShapeDtypeStruct((max_recv,) + x.shape[1:], x.dtype)]
+  return jax.ffi.ffi_call("jmd_dispatch", outs, has_side_effect=True)(
+      jnp.zeros((1,), jnp.int32), jnp.ones((T, 1), bool), x,
+      num_payloads=np.int64(num_payloads), num_blocks=np.int64(num_blocks))
+
+
+def test_handlers_refuse_bad_attributes_and_sizes():
+  """The FFI targets check what any caller could pass them; a refused call changes nothing.
+
+  Each bad call fails with InvalidArgument naming the value; afterwards a valid
+  call on the same buffer still runs (the call counter did not move) and is exact.
+  """
+  gpu, _ = _one_gpu()
+  rows = jax.device_put(jnp.asarray(H.rand(rng_for("raw"), (8, 8), np.float32)), gpu)
+  send_pos = np.array([[0], [2], [-1], [7]], np.int32)
+  bad = [
+      (lambda: _raw_combine(send_pos, rows, num_blocks=0), "num_blocks must be in [1, 65536], got 0"),
+      (lambda: _raw_combine(send_pos, rows, num_blocks=1 << 20), "got 1048576"),
+      (lambda: _raw_combine(send_pos, rows, axis_index=jnp.zeros((2,), jnp.int32)),
+       "axis_index must hold one int32, got 2"),
+      (lambda: _raw_combine(send_pos, rows.astype(jnp.int32)), "combine rows must be float32"),
+      (lambda: _raw_combine(np.zeros((4, 9), np.int32), rows), "R in [1, 8], got 9"),
+      (lambda: _raw_dispatch(rows, num_payloads=-1), "num_payloads must be in [0, 1], got -1"),
+      (lambda: _raw_dispatch(rows, num_payloads=2), "num_payloads must be in [0, 1], got 2"),
+      (lambda: _raw_dispatch(rows, num_blocks=-3), "got -3"),
+  ]
+  for call, message in bad:
+    with pytest.raises(Exception, match=re.escape(message)):
+      jax.block_until_ready(jax.jit(call)())
+  assert buffer.last_error() == ""
+  out = np.asarray(jax.jit(lambda: _raw_combine(send_pos, rows))())
+  want = np.stack([np.asarray(rows)[0], np.asarray(rows)[2], np.zeros(8, np.float32), np.asarray(rows)[7]])
+  H.assert_bitwise(out, want, "combine after refused calls")
+  received = jax.jit(lambda: _raw_dispatch(rows[:4], max_recv=6))()
+  H.assert_bitwise(np.asarray(received[5])[:4], np.asarray(rows)[:4], "dispatch after refused calls")
+  H.assert_bitwise(np.asarray(received[5])[4:], np.zeros((2, 8), np.float32), "dispatch padding")
+
+
+def test_buffer_cycles_leave_memory_where_it_was():
+  """100 x (get_buffer or init_hybrid_ep_buffer -> calls -> [reset] -> free_buffer): no leak.
+
+  Device memory is read with cudaMemGetInfo (the extension's mem_info), which
+  sees the native buffers (outside XLA's pool), and XLA's own bytes in use.
+  """
+  gpu, ext = _one_gpu()
+  ordinal = int(gpu.local_hardware_id)
+  rows = jax.device_put(jnp.asarray(H.rand(rng_for("leak"), (8, 8), np.float32)), gpu)
+  send_pos = np.array([[0], [2], [-1], [7]], np.int32)
+  combine = jax.jit(lambda r: _raw_combine(send_pos, r))
+  dispatch = jax.jit(lambda r: _raw_dispatch(r, max_recv=8))
+
+  def cycle(i):
+    if i % 2:
+      buffer.init_hybrid_ep_buffer([gpu], 128, 64)
+    else:
+      buffer.get_buffer([gpu], 256)
+    jax.block_until_ready((combine(rows), dispatch(rows)))
+    if i % 2:
+      buffer.reset_hybrid_ep_buffer()
+    buffer.free_buffer()
+    assert not buffer.has_buffer()
+
+  cycle(0)  # Warm-up: compiled, first allocations made.
+  free0, used0 = ext.mem_info(ordinal)[0], (gpu.memory_stats() or {}).get("bytes_in_use")
+  for i in range(100):
+    cycle(i)
+  free1, used1 = ext.mem_info(ordinal)[0], (gpu.memory_stats() or {}).get("bytes_in_use")
+  assert free1 >= free0 - (2 << 20), f"cudaMemGetInfo free bytes: {free0} -> {free1}"
+  if used0 is not None:
+    assert used1 <= used0 + (1 << 20), f"XLA bytes_in_use: {used0} -> {used1}"
+  buffer.get_buffer([gpu], 256)
+  out = np.asarray(combine(rows))  # The buffer still works after the cycles.
+  H.assert_bitwise(out[1], np.asarray(rows)[2], "combine after the cycles")
 
 
 def test_peer_that_never_arrives_fails_fast():

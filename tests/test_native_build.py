@@ -43,6 +43,28 @@ def test_failure_descriptions():
   assert ext._describe_diag(0, 0, 0, 0, 0, 0, ["GPU 0"], 0, 1.0) == ""
 
 
+def test_mismatch_descriptions_name_both_signatures():
+  """kDiagMismatch (3): another op or shape in the same call, or a peer in another call."""
+  if not native.extension_built():
+    pytest.skip("extension not built")
+  ext = native.extension()
+  gpus = ["GPU 0", "GPU 1"]
+  # [kind, T, M, streams, payloads, dtype, row bytes...]: kind 1 dispatch, 3 combine.
+  dispatch = [1, 16, 32, 3, 3, 0, 144, 8, 4]
+  combine = [3, 16, 32, 1, 1, 1, 144]
+  msg = ext._describe_diag(3, 0, 1, 0, 5, 5, gpus, 0, 1.0, dispatch, combine)
+  assert msg.startswith("GPU 0 ran dispatch(T=16, M=32, 3 payloads of 3 arrays, row bytes "
+                        "[144, 8, 4]) as call #5 but GPU 1 (group position 1) ran combine(T=16, "
+                        "M=32, row bytes 144, bfloat16)"), msg
+  assert "same op with the same shapes" in msg and "Fix:" in msg
+  other_t = ext._describe_diag(3, 0, 0, 1, 2, 2, gpus, 1, 1.0, dispatch, [1, 8] + dispatch[2:])
+  assert "GPU 1 ran dispatch(T=16" in other_t and "GPU 0 (group position 0) ran dispatch(T=8" in other_t
+  ahead = ext._describe_diag(3, 0, 1, 0, 5, 6, gpus, 0, 1.0, dispatch, combine)
+  assert "was in call #5" in ahead and "had already published call #6" in ahead, ahead
+  done = ext._describe_diag(3, 1, 1, 0, 5, 6, gpus, 0, 1.0)
+  assert "finish call #6 while it was in call #5" in done, done
+
+
 def test_native_unavailable_without_gpu_says_why():
   import jax
 

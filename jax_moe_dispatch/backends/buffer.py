@@ -237,6 +237,7 @@ def get_buffer(
       for group, span in zip(mine, spans):
         if not span:
           ext.create_group([int(d.local_hardware_id) for d in group], timeout_s)
+          _check_in_place_reads(ext, group)
       if any(spans):
         _exchanges += 1
         for group, span in zip(mine, spans):
@@ -251,6 +252,33 @@ def get_buffer(
               "bytes, %d staging bytes per rank).", new.groups, new.spans_processes,
               new.region_bytes, new.staging_bytes)
   return _buffer
+
+
+def _check_in_place_reads(ext, group: Sequence[jax.Device]) -> None:
+  """Refuse a one-process group whose GPUs cannot read each other's XLA buffers in place.
+
+  Such a group publishes XLA's own input buffers to its peers (no staging), so
+  every GPU of it must be able to load from memory XLA allocated on the others:
+  device memory (not host memory), with peer access, and, for memory of a
+  stream-ordered pool (XLA's ``cuda_async`` allocator), the pool's access grant
+  to the peers.
+  """
+  if len(group) < 2:
+    return
+  for owner in group:
+    probe = jax.device_put(np.ones((16,), np.float32), owner)
+    pointer = probe.addressable_shards[0].data.unsafe_buffer_pointer()
+    for reader in group:
+      why = ext.check_peer_readable(int(reader.local_hardware_id), pointer,
+                                    int(owner.local_hardware_id))
+      if why:
+        allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
+        raise RuntimeError(
+            f"jax_moe_dispatch: {reader} cannot read the buffers XLA allocates on {owner} in "
+            f"place ({why}; XLA_PYTHON_CLIENT_ALLOCATOR={allocator}). The native backend's GPUs "
+            "of one process read each other's inputs directly. Fix: unset "
+            "XLA_PYTHON_CLIENT_ALLOCATOR (XLA's default BFC allocator) or set it to 'platform', "
+            "or use implementation='reference'.")
 
 
 def _join(ext, key: str, group: Sequence[jax.Device], axis_name: str, timeout_s: float,

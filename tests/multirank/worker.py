@@ -49,6 +49,9 @@ CASES = {
     "many_calls": ("native", "reference"),
     "exchange_timeout": ("native", "reference"),
     "straggler": ("native",),
+    "mismatch_ops": ("native",),
+    "mismatch_shape": ("native",),
+    "leak_cycles": ("native",),
     "example": ("native", "reference"),  # Runs XLA collectives: one GPU per process.
     "dead_peer": ("native",),  # Last: one rank exits.
 }
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--calls-budget", type=float, default=120.0,
                  help="many_calls: seconds after which no further chunk starts")
   p.add_argument("--example-steps", type=int, default=2)
+  p.add_argument("--leak-cycles", type=int, default=100,
+                 help="leak_cycles: get_buffer -> dispatch+combine -> free_buffer cycles")
   args = p.parse_args(argv)
   names = list(CASES) if args.cases == "all" else args.cases.split(",")
   unknown = [c for c in names if c not in CASES]
@@ -92,7 +97,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_moe_dispatch as jmd  # noqa: E402
-from jax_moe_dispatch.backends import buffer, distributed  # noqa: E402
+from jax_moe_dispatch.backends import buffer, default_num_sms, distributed, native  # noqa: E402
+from jax_moe_dispatch.backends.base import DispatchHandle  # noqa: E402
 from jax_moe_dispatch.testing import oracle  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -549,6 +555,138 @@ def case_straggler(ctx):
   ctx.meet("reset")
   check(c, run())
   return {**c.done(), **info}
+
+
+def _mismatched(ctx, run, words) -> dict:
+  """Run a call that does not match the peers' (another op or shape); then reset and recover.
+
+  The call must end on every rank within the (short) timeout with a signature
+  mismatch that names both calls (``words``: substrings of the message); the next
+  call must fail with it; after a reset of every process, a correct call runs.
+  """
+  short = ctx.args.short_timeout
+  right, check = _timeout_program(ctx)
+  ctx.get_buffer(short)  # Same group: only the timeout changes.
+  ctx.meet("ready")
+  c = Checks()
+  began = time.monotonic()
+  run()
+  ended = time.monotonic() - began
+  recorded = buffer.last_error()
+  try:
+    run()
+    raised = ""
+  except Exception as e:  # noqa: BLE001 - XLA reports the handler's error as a runtime error.
+    raised = str(e)
+  c.true(f"the call ended after {ended:.1f} s, not within the timeout {short:g} s + 30 s",
+         ended < short + 30)
+  c.true(f"last_error() names both calls {words}: {recorded!r}",
+         all(w in recorded for w in words))
+  c.true(f"the next call fails naming them: {raised[:800]!r}",
+         "gave up" in raised and all(w in raised for w in words))
+  ctx.meet("mismatched")
+  buffer.reset_hybrid_ep_buffer()
+  ctx.get_buffer(ctx.args.timeout)
+  ctx.meet("reset")
+  check(c, right())
+  return {**c.done(), "ended_s": round(ended, 2)}
+
+
+def case_mismatch_ops(ctx):
+  """Rank 0 runs a dispatch while the others run a combine, as the same call."""
+  ep, T, K, H = ctx.ep, 16, 2, 64
+  E = 2 * ep
+  rng = rng_for("mismatch_ops", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+  lay = oracle.fused_dispatch(x, idx, probs, E)["layout"]
+  rows = rand(rng, (ep, lay.max_recv, H), np.float32).astype(BF16)
+  if ctx.rank == 0:
+    run = ctx.program(lambda x, i, p: jmd.fused_dispatch(
+        x, i, p, E, "ep", implementation="native")[0], x, idx, probs)
+    words = ["ran dispatch(", "ran combine("]
+  else:
+    backend = native.NativeBackend(default_num_sms("deepep"))
+
+    def combine(rows, send_pos, dest_offset, recv_count, recv_token):
+      handle = DispatchHandle(send_pos, dest_offset, recv_count, recv_token)
+      return backend.combine(rows, handle, axis_name="ep")
+
+    run = ctx.program(combine, rows, lay.send_pos.astype(np.int32), lay.dest_offset.astype(np.int32),
+                      lay.recv_count.astype(np.int32), lay.recv_token.astype(np.int32))
+    words = ["ran combine(", "ran dispatch("]
+  return _mismatched(ctx, run, words)
+
+
+def case_mismatch_shape(ctx):
+  """Every rank runs dispatch + combine, but rank 0 with 16 tokens and the others with 24."""
+  ep, K, H = ctx.ep, 2, 64
+  E, T = 2 * ep, 16 if ctx.rank == 0 else 24
+  rng = rng_for("mismatch_shape", ep, T)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+
+  def fn(x, idx, probs):
+    recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")
+    return jmd.fused_combine(recv_x, handle, "ep", implementation="native")
+
+  run = ctx.program(fn, x, idx, probs)
+  return _mismatched(ctx, run, ["dispatch(T=16", "dispatch(T=24"])
+
+
+def case_leak_cycles(ctx):
+  """get_buffer -> dispatch+combine -> free_buffer, many times: device memory stays put.
+
+  Every other cycle sets up through init_hybrid_ep_buffer and resets before
+  freeing. Each rank's staging buffer is several MiB here, so one left behind
+  per cycle would show in cudaMemGetInfo (the whole GPU's, measured when every
+  rank has freed) and in XLA's bytes in use.
+  """
+  run, check = _timeout_program(ctx)
+  ext = native.extension()
+  ordinal = int(ctx.device.local_hardware_id)
+  hidden_bytes = 64 * 1024
+
+  def cycle(i):
+    if i % 2:
+      buffer.init_hybrid_ep_buffer(ctx.mesh, hidden_bytes // 2, ctx.max_tokens)
+      buffer.get_buffer(ctx.mesh, hidden_bytes, max_num_tokens=ctx.max_tokens,
+                        timeout_s=ctx.args.timeout)  # Same buffer: only the timeout changes.
+    else:
+      buffer.get_buffer(ctx.mesh, hidden_bytes, max_num_tokens=ctx.max_tokens,
+                        timeout_s=ctx.args.timeout)
+    out = run()
+    if i % 2:
+      buffer.reset_hybrid_ep_buffer()
+    buffer.free_buffer()
+    return out
+
+  def measure(tag):
+    ctx.meet(f"{tag}/freed")  # Every rank freed: the GPU-wide numbers are comparable.
+    stats = ctx.device.memory_stats() or {}
+    free = ext.mem_info(ordinal)[0]
+    ctx.meet(f"{tag}/measured")
+    return free, stats.get("bytes_in_use")
+
+  buffer.free_buffer()
+  ctx.meet("ready")
+  cycle(0)  # Warm-up: compiled, first allocations made.
+  free0, used0 = measure("before")
+  began = time.monotonic()
+  for i in range(ctx.args.leak_cycles):
+    out = cycle(i)
+  seconds = time.monotonic() - began
+  free1, used1 = measure("after")
+  c = Checks()
+  check(c, out)
+  slack = 8 << 20
+  c.true(f"cudaMemGetInfo free bytes went from {free0} to {free1} over {ctx.args.leak_cycles} "
+         f"cycles (more than {slack} lost)", free1 >= free0 - slack)
+  if used0 is not None:
+    c.true(f"XLA bytes_in_use went from {used0} to {used1}", used1 <= used0 + (1 << 20))
+  ctx.get_buffer(ctx.args.timeout)
+  return {**c.done(), "cycles": ctx.args.leak_cycles, "free_delta": int(free1) - int(free0),
+          "s_per_cycle": round(seconds / max(1, ctx.args.leak_cycles), 3)}
 
 
 def case_dead_peer(ctx):
