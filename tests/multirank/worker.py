@@ -592,8 +592,18 @@ def _mismatched(ctx, run, words) -> dict:
   return {**c.done(), "ended_s": round(ended, 2)}
 
 
+def _by_rank(first, others):
+  """``first()`` on rank 0 and ``others()`` elsewhere, chosen at run time inside ONE program.
+
+  Every process compiles the same program (as in SPMD training, where ranks can only
+  diverge at run time, e.g. through a rank-dependent ``lax.cond``); both branches
+  return a float32 scalar.
+  """
+  return jax.lax.cond(jax.lax.axis_index("ep") == 0, first, others)
+
+
 def case_mismatch_ops(ctx):
-  """Rank 0 runs a dispatch while the others run a combine, as the same call."""
+  """One program in which rank 0 runs a dispatch while the others run a combine."""
   ep, T, K, H = ctx.ep, 16, 2, 64
   E = 2 * ep
   rng = rng_for("mismatch_ops", ep)
@@ -601,34 +611,43 @@ def case_mismatch_ops(ctx):
   x = rand(rng, (ep, T, H), np.float32).astype(BF16)
   lay = oracle.fused_dispatch(x, idx, probs, E)["layout"]
   rows = rand(rng, (ep, lay.max_recv, H), np.float32).astype(BF16)
-  if ctx.rank == 0:
-    run = ctx.program(lambda x, i, p: jmd.fused_dispatch(
-        x, i, p, E, "ep", implementation="native")[0], x, idx, probs)
-    words = ["ran dispatch(", "ran combine("]
-  else:
-    backend = native.NativeBackend(default_num_sms("deepep"))
+  backend = native.NativeBackend(default_num_sms("deepep"))
 
-    def combine(rows, send_pos, dest_offset, recv_count, recv_token):
+  def fn(x, idx, probs, rows, send_pos, dest_offset, recv_count, recv_token):
+    def dispatch():
+      recv = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")[0]
+      return jnp.sum(recv.astype(jnp.float32))
+
+    def combine():
       handle = DispatchHandle(send_pos, dest_offset, recv_count, recv_token)
-      return backend.combine(rows, handle, axis_name="ep")
+      return jnp.sum(backend.combine(rows, handle, axis_name="ep").astype(jnp.float32))
 
-    run = ctx.program(combine, rows, lay.send_pos.astype(np.int32), lay.dest_offset.astype(np.int32),
-                      lay.recv_count.astype(np.int32), lay.recv_token.astype(np.int32))
-    words = ["ran combine(", "ran dispatch("]
-  return _mismatched(ctx, run, words)
+    return _by_rank(dispatch, combine)
+
+  run = ctx.program(fn, x, idx, probs, rows, lay.send_pos.astype(np.int32),
+                    lay.dest_offset.astype(np.int32), lay.recv_count.astype(np.int32),
+                    lay.recv_token.astype(np.int32))
+  return _mismatched(ctx, run, ["ran dispatch(", "ran combine("])
 
 
 def case_mismatch_shape(ctx):
-  """Every rank runs dispatch + combine, but rank 0 with 16 tokens and the others with 24."""
-  ep, K, H = ctx.ep, 2, 64
-  E, T = 2 * ep, 16 if ctx.rank == 0 else 24
+  """One program in which every rank runs dispatch + combine, rank 0 on 16 tokens, the others 24."""
+  ep, K, H, T = ctx.ep, 2, 64, 24
+  E = 2 * ep
   rng = rng_for("mismatch_shape", ep, T)
   idx, probs = routing(rng, ep, T, K, E)
   x = rand(rng, (ep, T, H), np.float32).astype(BF16)
 
   def fn(x, idx, probs):
-    recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")
-    return jmd.fused_combine(recv_x, handle, "ep", implementation="native")
+    def both(n):
+      def run():
+        recv_x, _, _, _, handle = jmd.fused_dispatch(x[:n], idx[:n], probs[:n], E, "ep",
+                                                     implementation="native")
+        out = jmd.fused_combine(recv_x, handle, "ep", implementation="native")
+        return jnp.sum(out.astype(jnp.float32))
+      return run
+
+    return _by_rank(both(16), both(24))
 
   run = ctx.program(fn, x, idx, probs)
   return _mismatched(ctx, run, ["dispatch(T=16", "dispatch(T=24"])
