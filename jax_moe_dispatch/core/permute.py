@@ -9,17 +9,21 @@ the padded size of group ``e`` as written (clipped at ``num_rows``), ready for
 :func:`jax.lax.ragged_dot`.
 
 Every function here is differentiable. :func:`permute` and :func:`unpermute`
-are each other's transposes; both sums (unpermute's, and so permute's
-backward pass) run in float32, so a row routed to several experts rounds once.
+are each other's transposes (each the other's backward pass); unpermute's sum
+runs in float32 in a fixed order, a row's experts in ascending order starting
+from zero, and rounds once, so every backend gets the same bits (the native
+HybridEP combine adds in the same order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -107,14 +111,52 @@ def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
 
 
 def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> jax.Array:
-  """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32.
+  """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts.
 
-  The result has ``dtype`` (default: that of ``rows``).
+  The sum runs in float32 over the row's experts in ascending order, starting
+  from zero, and rounds once to ``dtype`` (default: that of ``rows``). Its
+  backward pass is :func:`permute`.
   """
+  return _unpermute(rows, perm, num_recv, np.dtype(rows.dtype if dtype is None else dtype),
+                    np.dtype(rows.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _unpermute(rows, perm, num_recv, dtype, rows_dtype):
+  del rows_dtype
   acc = jnp.zeros((num_recv,) + rows.shape[1:], jnp.float32)
-  src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
-  acc = acc.at[src].add(rows.astype(jnp.float32), mode="drop")
-  return acc.astype(rows.dtype if dtype is None else dtype)
+  perm_row = perm.perm_row
+  if rows.shape[0] == 0 or perm_row.shape[1] == 0:  # No permuted rows: nothing to sum.
+    return acc.astype(dtype)
+  # slots[i, k]: the permuted row of row i's k-th expert (ascending), -1 past its last.
+  routed = perm_row >= 0
+  slot = jnp.where(routed, jnp.cumsum(routed, axis=1) - 1, perm_row.shape[1])
+  recv = jnp.broadcast_to(jnp.arange(num_recv, dtype=jnp.int32)[:, None], perm_row.shape)
+  slots = jnp.full(perm_row.shape, -1, jnp.int32).at[recv, slot].set(perm_row, mode="drop")
+  trailing = (1,) * (rows.ndim - 1)
+  # Zeros typed like the inputs (varying over the mesh axes they vary over, as
+  # the loop's carry must be under shard_map).
+  acc = acc + (rows[:0].astype(jnp.float32).sum() + slots[:0].sum().astype(jnp.float32))
+
+  def add(k, acc):
+    src = jax.lax.dynamic_index_in_dim(slots, k, axis=1, keepdims=False)
+    row = rows[jnp.clip(src, 0)].astype(jnp.float32)
+    return acc + jnp.where((src >= 0).reshape((-1,) + trailing), row, 0.0)
+
+  acc = jax.lax.fori_loop(0, routed.sum(axis=1).max(initial=0), add, acc)
+  return acc.astype(dtype)
+
+
+def _unpermute_fwd(rows, perm, num_recv, dtype, rows_dtype):
+  return _unpermute(rows, perm, num_recv, dtype, rows_dtype), perm
+
+
+def _unpermute_bwd(num_recv, dtype, rows_dtype, perm, g):
+  del num_recv, dtype
+  return permute(g, perm).astype(rows_dtype), None
+
+
+_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
 def unpermute_values(values: jax.Array, perm: Permutation) -> jax.Array:
