@@ -18,6 +18,11 @@ kernel launches per op, so that no small XLA ops sit around the custom call:
   its tokens' rows from every rank they went to and sums them in float32, in
   ascending rank order (the reference's order, so results are bit-identical).
 
+* ``jmd_hybrid_dispatch`` / ``jmd_hybrid_dispatch_cached`` / ``jmd_hybrid_combine``
+  (:mod:`jax_moe_dispatch.core.hybrid`): the HybridEP ops fused with the
+  permutation; rows go straight into (or come straight out of) the expert-major
+  permuted buffer, no receive buffer in between.
+
 Both ops pull (loads over NVLink): on H200 pairs loads reached about 240 GB/s
 per direction where stores from the same number of SMs reached about 160.
 
