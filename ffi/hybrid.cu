@@ -106,7 +106,10 @@ __device__ int BlockExclusiveSum(int v, int* total) {
 // ---------------------------------------------------------------------------
 // Fresh dispatch, step 1: for each local expert (a block each), the rank of every
 // routed receive row within the expert's group (receive order), written to
-// perm_row, and the group's row count. perm_row of unrouted rows is -1.
+// perm_row, and the group's row count. perm_row of unrouted rows is -1. Each
+// thread takes 32 consecutive rows per round, so a round is one block scan.
+
+constexpr int kScanRows = 32;
 
 __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const __grid_constant__ HybridParams p) {
   __shared__ Sources src;
@@ -117,17 +120,25 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
   const int num_recv = src.start[size];
   for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
     int carry = 0;
-    for (int base = 0; base < num_recv; base += blockDim.x) {
-      const int i = base + threadIdx.x;
-      int hit = 0;
-      if (i < num_recv) {
-        const int s = SourceOf(src, size, i);
-        const int64_t t = src.list[s][i - src.start[s]];
-        hit = src.map[s][(t * size + me) * num_local + e] != 0;
+    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
+      const int first = round + threadIdx.x * kScanRows;
+      uint32_t hits = 0;
+#pragma unroll 8
+      for (int k = 0; k < kScanRows; ++k) {
+        const int i = first + k;
+        if (i < num_recv) {
+          const int s = SourceOf(src, size, i);
+          const int64_t t = src.list[s][i - src.start[s]];
+          hits |= static_cast<uint32_t>(src.map[s][(t * size + me) * num_local + e] != 0) << k;
+        }
       }
       int total;
-      const int rank = carry + BlockExclusiveSum(hit, &total);
-      if (i < num_recv) p.perm_row[static_cast<int64_t>(i) * num_local + e] = hit ? rank : -1;
+      int rank = carry + BlockExclusiveSum(__popc(hits), &total);
+      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
+        const bool hit = (hits >> k) & 1u;
+        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
+        rank += hit;
+      }
       carry += total;
     }
     if (threadIdx.x == 0) p.counts[e] = carry;
@@ -454,7 +465,9 @@ size_t GroupBytes(const HybridParams& p) { return sizeof(int) * (2 * static_cast
 }  // namespace
 
 cudaError_t LaunchHybridDispatch(const GroupView& g, const HybridParams& p, int num_blocks, cudaStream_t stream) {
-  HybridScanKernel<<<num_blocks, kThreads, 0, stream>>>(g, p);
+  // A block per local expert: the scan is short and latency-bound, so its blocks are
+  // not held to the op's SM budget (the permute kernel is).
+  HybridScanKernel<<<p.num_local, kThreads, 0, stream>>>(g, p);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   const size_t smem = GroupBytes(p);
   if (smem > 48 * 1024) {
