@@ -496,16 +496,26 @@ std::string LastError(int device) {
 }
 
 std::string DescribeSignature(const OpSignature& s) {
-  static const char* const kinds[] = {"no call", "dispatch", "cached dispatch", "combine"};
-  const std::string kind = s.kind >= 0 && s.kind <= kOpCombine ? kinds[s.kind] : "op " + std::to_string(s.kind);
+  static const char* const kinds[] = {"no call",         "dispatch",
+                                      "cached dispatch", "combine",
+                                      "hybrid dispatch", "cached hybrid dispatch",
+                                      "hybrid combine"};
+  const std::string kind =
+      s.kind >= 0 && s.kind <= kOpHybridCombine ? kinds[s.kind] : "op " + std::to_string(s.kind);
   std::string out = kind + "(T=" + std::to_string(s.num_tokens) + ", M=" + std::to_string(s.max_recv);
-  if (s.kind == kOpCombine) {
+  if (s.kind == kOpHybridDispatch || s.kind == kOpHybridDispatchCached || s.kind == kOpHybridCombine) {
+    out += ", L=" + std::to_string(s.num_payloads);
+  }
+  if (s.kind == kOpCombine || s.kind == kOpHybridCombine) {
     static const char* const dtypes[] = {"float32", "bfloat16", "float16"};
     out += ", row bytes " + std::to_string(s.row_bytes[0]) + ", " +
            (s.dtype >= 0 && s.dtype <= 2 ? dtypes[s.dtype] : "dtype " + std::to_string(s.dtype));
   } else {
-    out += ", " + std::to_string(s.num_payloads) + " payloads of " + std::to_string(s.num_streams) +
-           " arrays, row bytes [";
+    out += ", ";
+    if (s.kind != kOpHybridDispatch && s.kind != kOpHybridDispatchCached) {
+      out += std::to_string(s.num_payloads) + " payloads of ";
+    }
+    out += std::to_string(s.num_streams) + " arrays, row bytes [";
     for (int i = 0; i < s.num_streams && i < kMaxStreams; ++i) {
       out += (i ? ", " : "") + std::to_string(s.row_bytes[i]);
     }

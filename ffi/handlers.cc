@@ -11,6 +11,7 @@
 #include <string>
 
 #include "group.h"
+#include "handlers_internal.h"
 #include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -454,3 +455,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdCombine, jmd::CombineImpl,
                                   .Arg<ffi::AnyBuffer>()             // rows [M, H]
                                   .Ret<ffi::AnyBuffer>()             // out [T, H]
                                   .Attr<int64_t>("num_blocks"));
+
+// handlers_internal.h: the above, for the other handler files.
+namespace jmd {
+
+ffi::ErrorOr<std::shared_ptr<Member>> FindRank(int32_t device, int64_t axis_size, cudaStream_t stream) {
+  return Find(device, axis_size, stream);
+}
+
+GroupView NextCall(const Member& m, const OpSignature& sig) { return Next(m, sig); }
+
+void CommitCall(Member& m, const GroupView& g) { Commit(m, g); }
+
+ffi::Error PublishInputs(const Member& m, cudaStream_t stream, const char* op, const Published* inputs, int n,
+                         size_t scratch_bytes, uint64_t* addrs, char** scratch) {
+  Staging staging(m, stream);
+  size_t staged = Aligned(scratch_bytes);
+  for (int i = 0; i < n; ++i) staged += Aligned(inputs[i].bytes);
+  if (auto err = staging.Reserve(staged, op); err.failure()) return err;
+  for (int i = 0; i < n; ++i) {
+    auto src = staging.Publish(inputs[i].data, inputs[i].bytes);
+    if (!src.has_value()) return src.error();
+    addrs[i] = reinterpret_cast<uint64_t>(*src);
+  }
+  *scratch = staging.active() ? staging.Take(scratch_bytes) : nullptr;
+  return ffi::Error::Success();
+}
+
+}  // namespace jmd

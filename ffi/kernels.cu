@@ -639,3 +639,22 @@ cudaError_t LaunchCombine(const GroupView& g, const CombineParams& p, int num_bl
 }
 
 }  // namespace jmd
+
+namespace jmd {
+namespace {
+
+// The done handshake alone, for ops whose data kernels live elsewhere (hybrid.cu).
+__global__ void FinishKernel(GroupView g) {
+  SignalRegion* mine = g.regions[g.position];
+  if (mine->layout.aborted) return;  // The notify step failed (recorded).
+  Finish(g, mine);
+}
+
+}  // namespace
+
+cudaError_t LaunchFinish(const GroupView& g, cudaStream_t stream) {
+  FinishKernel<<<1, 32, 0, stream>>>(g);
+  return cudaGetLastError();
+}
+
+}  // namespace jmd

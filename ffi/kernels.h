@@ -72,5 +72,8 @@ cudaError_t LaunchDispatch(const GroupView& g, const DispatchParams& p, int num_
                            cudaStream_t stream);
 cudaError_t LaunchCombine(const GroupView& g, const CombineParams& p, int num_blocks,
                           cudaStream_t stream);
+// The last step of a data kernel alone (tell every peer "done", wait for theirs),
+// for ops whose data kernels are elsewhere (hybrid.h); launched after them.
+cudaError_t LaunchFinish(const GroupView& g, cudaStream_t stream);
 
 }  // namespace jmd

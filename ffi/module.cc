@@ -11,6 +11,7 @@
 
 #include "group.h"
 #include "handlers.h"
+#include "hybrid_handlers.h"
 #include "protocol.h"
 
 namespace nb = nanobind;
@@ -52,6 +53,9 @@ NB_MODULE(_jmd_ext, m) {
     d["jmd_dispatch"] = Capsule(JmdDispatch);
     d["jmd_dispatch_cached"] = Capsule(JmdDispatchCached);
     d["jmd_combine"] = Capsule(JmdCombine);
+    d["jmd_hybrid_dispatch"] = Capsule(JmdHybridDispatch);
+    d["jmd_hybrid_dispatch_cached"] = Capsule(JmdHybridDispatchCached);
+    d["jmd_hybrid_combine"] = Capsule(JmdHybridCombine);
     return d;
   }, "FFI handler capsules by target name.");
   m.def("create_group", [](const std::vector<int>& devices, double timeout_s) {

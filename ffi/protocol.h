@@ -47,7 +47,15 @@ inline constexpr int kMaxStreams = 8;   // buffer addresses one rank publishes p
 inline constexpr int kThreads = 512;    // threads per block of the data kernels.
 
 // What kind of call a rank is in, and the shapes every rank of the call must share.
-enum OpKind : int32_t { kOpNone = 0, kOpDispatch = 1, kOpDispatchCached = 2, kOpCombine = 3 };
+enum OpKind : int32_t {
+  kOpNone = 0,
+  kOpDispatch = 1,
+  kOpDispatchCached = 2,
+  kOpCombine = 3,
+  kOpHybridDispatch = 4,
+  kOpHybridDispatchCached = 5,
+  kOpHybridCombine = 6,
+};
 
 // Published with every call; peers compare it field by field before trusting a
 // slot. Dispatch: one row_bytes per stream; combine: row_bytes[0] is a row's bytes.

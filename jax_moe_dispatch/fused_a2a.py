@@ -35,6 +35,7 @@ from jax_moe_dispatch.backends import (DispatchHandle, default_num_sms, set_deep
                                        set_hybridep_num_sms)
 from jax_moe_dispatch.backends.buffer import (free_buffer, get_buffer, get_hidden_bytes,
                                               init_hybrid_ep_buffer, reset_hybrid_ep_buffer)
+from jax_moe_dispatch.core import hybrid as _hybrid
 from jax_moe_dispatch.core import permute as _perm
 from jax_moe_dispatch.core import routing
 from jax_moe_dispatch.core.routing import Rows
@@ -226,9 +227,7 @@ def hybrid_ep_dispatch(
       :func:`jax_moe_dispatch.core.permute.max_permuted_rows`); one of the two is
       required. Rows past ``N`` are dropped (last experts' last rows first).
     pad_multiple: pad each expert's group to a multiple of this (default 1).
-    topk: most experts one token is routed to; sizes the default ``N``, and
-      the combine's sum reads only ``min(topk, L)`` rows per token (a token
-      with more local experts keeps its ``topk`` smallest; the rest drop).
+    topk: most experts one token is routed to; sizes the default ``N``.
     max_recv_tokens: rows of the intermediate receive buffer (default
       ``ep_size * T``).
     implementation: ``"auto"``, ``"native"`` or ``"reference"``.
@@ -275,10 +274,9 @@ def hybrid_ep_dispatch(
   local_map = routing_map.reshape(num_tokens, ep, num_local_experts)
   local_probs = probs.reshape(num_tokens, ep, num_local_experts)
   payloads = (rows,) if scaling_factor is None else (rows, scaling_factor)
-  recv, (recv_map, recv_probs), handle = dispatch(
-      local_map.any(axis=-1), payloads, (local_map, local_probs), transport, max_recv)
-  permuted, permuted_probs, perm = _perm.group_by_expert(
-      recv, recv_map, recv_probs, num_permuted_tokens, pad, topk)
+  permuted, permuted_probs, handle, perm = _hybrid.dispatch(
+      local_map.any(axis=-1), payloads, local_map, local_probs, transport, max_recv,
+      num_permuted_tokens, pad)
   permuted_scales = None if scaling_factor is None else permuted[1]
   return (permuted[0], permuted_probs, permuted_scales, perm.tokens_per_expert,
           HybridEPHandle(handle, perm))
@@ -296,11 +294,13 @@ def hybrid_ep_combine(
 ) -> jax.Array:
   """Combine fused with unpermute: ``[N, H]`` expert rows -> ``[T, H]`` tokens.
 
-  Each token's rows are summed over its local experts, then over ranks, in
-  float32, and rounded once to the dtype of ``x``. ``num_permuted_tokens`` and
+  Each token's rows are summed in float32 and rounded once to the dtype of
+  ``x``: for each rank the token went to, in ascending rank order, the sum of
+  its rows there in ascending local-expert order is added to the token's
+  total (:mod:`jax_moe_dispatch.core.hybrid`). ``num_permuted_tokens`` and
   ``pad_multiple`` are accepted for parity with the seed and must match the
   dispatch if given. Its backward pass dispatches the cotangent along the
-  handle and permutes it.
+  handle straight into the permuted rows.
   """
   routing.check_handle(handle, HybridEPHandle, "hybrid_ep_combine", "hybrid_ep_dispatch")
   perm = handle.permutation
@@ -312,8 +312,7 @@ def hybrid_ep_combine(
   routing.check_combine_rows(x, perm.num_rows, "N")
   routing.axis_size(axis_name)
   transport = _transport(axis_name, implementation, num_sms, "hybridep")
-  rows = _perm.unpermute(x, perm, handle.dispatch.max_recv, dtype=jnp.float32)
-  return combine(rows, handle.dispatch, transport, out_dtype=x.dtype)
+  return _hybrid.combine(x, handle.dispatch, perm, transport)
 
 
 # ----------------------------------------------------------------------------

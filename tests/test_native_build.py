@@ -18,7 +18,9 @@ def test_extension_built_when_required():
     pytest.skip("JMD_REQUIRE_CUDA is not set and the extension is not built")
   assert native.extension_built(), native.native_unavailable_reason()
   ext = native.extension()
-  assert set(ext.handlers()) == {"jmd_dispatch", "jmd_dispatch_cached", "jmd_combine"}
+  assert set(ext.handlers()) == {"jmd_dispatch", "jmd_dispatch_cached", "jmd_combine",
+                                 "jmd_hybrid_dispatch", "jmd_hybrid_dispatch_cached",
+                                 "jmd_hybrid_combine"}
   for name in ("create_group", "create_exported", "open_peers", "set_timeout", "free_all", "reset"):
     assert callable(getattr(ext, name)), name
   assert 0 < ext.region_bytes() < 1 << 20

@@ -18,6 +18,11 @@ kernel launches per op, so that no small XLA ops sit around the custom call:
   its tokens' rows from every rank they went to and sums them in float32, in
   ascending rank order (the reference's order, so results are bit-identical).
 
+* ``jmd_hybrid_dispatch`` / ``jmd_hybrid_dispatch_cached`` / ``jmd_hybrid_combine``
+  (:mod:`jax_moe_dispatch.core.hybrid`): the HybridEP ops fused with the
+  permutation; rows go straight into (or come straight out of) the expert-major
+  permuted buffer, no receive buffer in between.
+
 Both ops pull (loads over NVLink): on H200 pairs loads reached about 240 GB/s
 per direction where stores from the same number of SMs reached about 160.
 
@@ -190,4 +195,86 @@ class NativeBackend:
         "jmd_combine", jax.ShapeDtypeStruct((handle.num_tokens, flat.shape[1]), rows.dtype),
         has_side_effect=True,
     )(_axis_index(axis_name), handle.send_pos, handle.dest_offset, flat, num_blocks=self.num_blocks)
+    return _varying(out, axis_name).reshape((handle.num_tokens,) + tail)
+
+  # HybridEP (jax_moe_dispatch.core.hybrid): dispatch straight into the
+  # expert-major permuted rows and combine straight out of them. The permutation
+  # travels as arrays (backends/ knows no core types): perm_row [M, L],
+  # src_row [N], tokens_per_expert [L], with core/permute.py's meaning.
+
+  def hybrid_dispatch(
+      self,
+      dest_mask: jax.Array,
+      payloads: Sequence[jax.Array],
+      local_map: jax.Array,
+      local_probs: jax.Array,
+      *,
+      axis_name: str,
+      max_recv: int,
+      num_rows: int,
+      pad_multiple: int,
+  ) -> tuple[list[jax.Array], jax.Array, DispatchHandle, tuple[jax.Array, jax.Array, jax.Array]]:
+    """``jmd_hybrid_dispatch``: ``(permuted payloads, permuted probs, handle, permutation)``."""
+    _register()
+    if local_probs.dtype not in _COMBINE_DTYPES:
+      raise TypeError(
+          f"the native HybridEP dispatch moves float32, bfloat16 or float16 probabilities, got "
+          f"{local_probs.dtype}. Fix: cast them, or use implementation='reference'.")
+    num_tokens, num_ranks, num_local = local_map.shape
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    out_types = (
+        [i32(num_tokens, num_ranks), i32(num_ranks), i32(num_ranks), i32(max_recv),
+         i32(num_ranks, num_tokens), i32(max_recv, num_local), i32(num_rows), i32(num_local),
+         i32(num_local), jax.ShapeDtypeStruct((num_rows,), local_probs.dtype)]
+        + [jax.ShapeDtypeStruct((num_rows,) + a.shape[1:], a.dtype) for a in payloads])
+    outs = jax.ffi.ffi_call("jmd_hybrid_dispatch", out_types, has_side_effect=True)(
+        _axis_index(axis_name), dest_mask, local_map, local_probs, *payloads,
+        pad_multiple=np.int64(pad_multiple), num_blocks=self.num_blocks)
+    outs = _varying(list(outs), axis_name)
+    send_pos, dest_offset, recv_count, recv_token, _lists = outs[:5]
+    perm_row, src_row, tokens_per_expert, _counts, probs = outs[5:10]
+    handle = DispatchHandle(send_pos=send_pos, dest_offset=dest_offset, recv_count=recv_count,
+                            recv_token=recv_token)
+    return outs[10:], probs, handle, (perm_row, src_row, tokens_per_expert)
+
+  def hybrid_dispatch_cached(
+      self,
+      payloads: Sequence[jax.Array],
+      handle: DispatchHandle,
+      perm_row: jax.Array,
+      src_row: jax.Array,
+      *,
+      axis_name: str,
+  ) -> list[jax.Array]:
+    """``jmd_hybrid_dispatch_cached``: ``[T, ...]`` rows -> ``[N, ...]`` along a permutation."""
+    _register()
+    num_rows = src_row.shape[0]
+    out_types = [jax.ShapeDtypeStruct(handle.send_pos.shape[::-1], jnp.int32)] + [
+        jax.ShapeDtypeStruct((num_rows,) + a.shape[1:], a.dtype) for a in payloads]
+    outs = jax.ffi.ffi_call("jmd_hybrid_dispatch_cached", out_types, has_side_effect=True)(
+        _axis_index(axis_name), handle.send_pos, handle.recv_count, perm_row, src_row, *payloads,
+        num_blocks=self.num_blocks)
+    return _varying(list(outs[1:]), axis_name)
+
+  def hybrid_combine(
+      self,
+      rows: jax.Array,
+      handle: DispatchHandle,
+      perm_row: jax.Array,
+      *,
+      axis_name: str,
+  ) -> jax.Array:
+    """``jmd_hybrid_combine``: ``[N, ...]`` permuted rows -> ``[T, ...]``, one float32 sum per token."""
+    _register()
+    if rows.dtype not in _COMBINE_DTYPES:
+      raise TypeError(
+          f"the native HybridEP combine sums float32, bfloat16 or float16 rows, got {rows.dtype}. "
+          "Fix: cast the rows, or use implementation='reference'.")
+    tail = rows.shape[1:]
+    flat = rows.reshape(rows.shape[0], -1)
+    out = jax.ffi.ffi_call(
+        "jmd_hybrid_combine", jax.ShapeDtypeStruct((handle.num_tokens, flat.shape[1]), rows.dtype),
+        has_side_effect=True,
+    )(_axis_index(axis_name), handle.send_pos, handle.dest_offset, perm_row, flat,
+      num_blocks=self.num_blocks)
     return _varying(out, axis_name).reshape((handle.num_tokens,) + tail)

@@ -88,11 +88,20 @@ def make_permutation(local_map: jax.Array, num_rows: int, pad_multiple: int = 1,
   target = jnp.where(perm_row >= 0, perm_row, num_rows)
   src_row = jnp.full((num_rows,), -1, jnp.int32).at[target].set(rows, mode="drop")
   tokens_per_expert = jnp.clip(starts + padded, 0, num_rows) - jnp.clip(starts, 0, num_rows)
+  return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32),
+                     expert_rows_of(perm_row, k))
+
+
+def expert_rows_of(perm_row: jax.Array, max_experts_per_row: Optional[int] = None) -> jax.Array:
+  """:attr:`Permutation.expert_rows` from ``perm_row [M, L]``: each row's kept permuted rows,
+  ascending by local expert, then -1 (``K = max_experts_per_row``, default ``L``; a row
+  must keep at most ``K``)."""
+  num_local = perm_row.shape[1]
+  k = num_local if max_experts_per_row is None else max(1, min(max_experts_per_row, num_local))
   # The k smallest experts with a kept row, ascending (top_k of L - e over the kept ones).
   key = jnp.where(perm_row >= 0, num_local - jnp.arange(num_local, dtype=jnp.int32), 0)
   _, order = jax.lax.top_k(key, k)
-  expert_rows = jnp.take_along_axis(perm_row, order.astype(jnp.int32), axis=1)
-  return Permutation(perm_row, src_row, tokens_per_expert.astype(jnp.int32), expert_rows)
+  return jnp.take_along_axis(perm_row, order.astype(jnp.int32), axis=1)
 
 
 @jax.custom_vjp
@@ -127,18 +136,21 @@ def permute_values(values: jax.Array, perm: Permutation) -> jax.Array:
   return flat.at[target].set(values, mode="drop")
 
 
-# Above this many experts per row, unpermute is one scatter-add instead of K gathers.
-_MAX_GATHERS = 32
+# Up to this many experts per row, unpermute is K gathers fused into one pass; above, a loop
+# over a row's experts that stops after the most any row has.
+_MAX_UNROLLED = 8
 
 
 def unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype=None) -> jax.Array:
   """``[N, ...]`` expert-major rows -> ``[M, ...]``: each row summed over its experts in float32.
 
-  The result has ``dtype`` (default: that of ``rows``). The sum runs in
-  ascending local-expert order (bit-reproducible) when the permutation was
-  built with a top-k bound of at most 32 experts per row; without one (and
-  ``L > 32``) it is one float32 scatter-add, whose order the GPU may vary.
-  Its backward pass is :func:`permute` (a gather, never a scatter-add).
+  The sum runs in float32 over the row's experts in ascending local-expert
+  order, starting from zero, and rounds once to ``dtype`` (default: that of
+  ``rows``): the same bits on every run and every backend (the native HybridEP
+  combine adds in the same order). With ``K = expert_rows.shape[1] <= 8`` (a
+  top-k bound) the ``K`` gathers fuse into one pass; otherwise a loop runs as
+  many gathers as the most experts any row has. Its backward pass is
+  :func:`permute` (a gather, never a scatter-add).
   """
   return _unpermute(rows, perm, num_recv, None if dtype is None else jnp.dtype(dtype))
 
@@ -154,13 +166,20 @@ def _unpermute(rows: jax.Array, perm: Permutation, num_recv: int, dtype) -> jax.
     return jnp.zeros((num_recv,) + rows.shape[1:], out_dtype)
   bcast = (-1,) + (1,) * (rows.ndim - 1)
   acc = jnp.zeros((num_recv,) + rows.shape[1:], jnp.float32)
-  if expert_rows.shape[1] > _MAX_GATHERS:  # No top-k bound: one scatter-add (unordered).
-    src = jnp.where(perm.src_row >= 0, perm.src_row, num_recv)
-    return acc.at[src].add(rows.astype(jnp.float32), mode="drop").astype(out_dtype)
-  for j in range(expert_rows.shape[1]):  # Ascending local expert: a fixed order.
-    idx = expert_rows[:, j]
+
+  def add(j, acc):  # The j-th expert of every row (ascending local expert: a fixed order).
+    idx = jax.lax.dynamic_index_in_dim(expert_rows, j, axis=1, keepdims=False)
     got = rows[jnp.clip(idx, 0)].astype(jnp.float32)
-    acc = acc + jnp.where((idx >= 0).reshape(bcast), got, 0.0)
+    return acc + jnp.where((idx >= 0).reshape(bcast), got, 0.0)
+
+  if expert_rows.shape[1] <= _MAX_UNROLLED:
+    for j in range(expert_rows.shape[1]):
+      acc = add(j, acc)
+  else:
+    # Zeros typed like the inputs (varying over the mesh axes they vary over, as the loop's
+    # carry must be under shard_map).
+    acc = acc + (rows[:0].astype(jnp.float32).sum() + expert_rows[:0].sum().astype(jnp.float32))
+    acc = jax.lax.fori_loop(0, (expert_rows >= 0).sum(axis=1).max(initial=0), add, acc)
   return acc.astype(out_dtype)
 
 

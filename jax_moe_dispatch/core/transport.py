@@ -115,9 +115,9 @@ def _dispatch_bwd(transport, max_recv, handle, cotangents):
   g_payloads, g_sliced, _ = cotangents
   backend = transport.backend()
   axis = transport.axis_name
-  grads = tuple(None if _no_grad(g) else _summing_combine(backend, g, handle, axis)
+  grads = tuple(None if _no_grad(g) else summing_combine(backend, g, handle, axis)
                 for g in g_payloads)
-  sliced_grads = tuple(None if _no_grad(g) else _per_destination_combine(backend, g, handle, axis)
+  sliced_grads = tuple(None if _no_grad(g) else per_destination_combine(backend, g, handle, axis)
                        for g in g_sliced)
   return None, grads, sliced_grads
 
@@ -128,7 +128,7 @@ _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _combine(rows, handle, transport, rows_dtype, out_dtype):
   del rows_dtype
-  return _summing_combine(transport.backend(), rows, handle, transport.axis_name).astype(out_dtype)
+  return summing_combine(transport.backend(), rows, handle, transport.axis_name).astype(out_dtype)
 
 
 def _combine_fwd(rows, handle, transport, rows_dtype, out_dtype):
@@ -148,14 +148,14 @@ def _no_grad(g) -> bool:
   return g is None or g.dtype == jax.dtypes.float0
 
 
-def _summing_combine(backend: Backend, rows, handle, axis_name) -> jax.Array:
+def summing_combine(backend: Backend, rows, handle, axis_name) -> jax.Array:
   """``backend.combine`` for any floating dtype (FP8 rows are summed as float32)."""
   if np.dtype(rows.dtype) in _COMBINE_DTYPES:
     return backend.combine(rows, handle, axis_name=axis_name)
   return backend.combine(rows.astype(jnp.float32), handle, axis_name=axis_name).astype(rows.dtype)
 
 
-def _per_destination_combine(backend: Backend, rows, handle: DispatchHandle,
+def per_destination_combine(backend: Backend, rows, handle: DispatchHandle,
                              axis_name) -> jax.Array:
   """``[M, ...]`` received rows -> ``[T, R, ...]``: each back at (its token, this rank), unsummed.
 
@@ -167,5 +167,5 @@ def _per_destination_combine(backend: Backend, rows, handle: DispatchHandle,
   only_d = jnp.eye(num_ranks, dtype=jnp.bool_)[None]  # [1, R(d), R(dest)]
   send_pos = jnp.where(only_d, handle.send_pos[:, None, :], -1).astype(jnp.int32)
   split = dataclasses.replace(handle, send_pos=send_pos.reshape(num_tokens * num_ranks, num_ranks))
-  out = _summing_combine(backend, rows, split, axis_name)
+  out = summing_combine(backend, rows, split, axis_name)
   return out.reshape((num_tokens, num_ranks) + rows.shape[1:])

@@ -53,6 +53,7 @@ CASES = {
     "mismatch_shape": ("native",),
     "leak_cycles": ("native",),
     "example": ("native", "reference"),  # Runs XLA collectives: one GPU per process.
+    "hybrid_fused": ("native", "reference"),
     "dead_peer": ("native",),  # Last: one rank exits.
 }
 
@@ -410,6 +411,101 @@ def case_hybrid(ctx):
       want["permuted_x"].astype(np.float64).sum(-1))
   c.close("grad x", gx, want_gx[r], rtol=2e-2, atol=2e-2)
   c.close("grad probs", gp, want_gp[r], rtol=2e-2, atol=5e-2)
+  return c.done()
+
+
+def exact_hybrid_combine(h: dict, rows: np.ndarray, dtype) -> np.ndarray:
+  """``[R, N, ...]`` permuted rows back to their tokens as hybrid combine sums them.
+
+  The library's contract: per token, for each rank it went to in ascending
+  order, the float32 sum (from 0) of its rows there in ascending local-expert
+  order, added to the token's float32 total (from 0), rounded once to
+  ``dtype``. numpy float32 adds are IEEE adds, so the result is exact.
+  """
+  lay, rows = h["layout"], np.asarray(rows)
+  out = np.zeros((lay.num_ranks, lay.num_tokens) + rows.shape[2:], np.float32)
+  for d, perm in enumerate(h["perms"]):
+    part = np.zeros_like(out)
+    perm_row = perm["perm_row"]
+    for e in range(h["num_local"]):  # A token has at most one row per (rank, expert).
+      i = np.flatnonzero(perm_row[:, e] >= 0)
+      part[lay.recv_rank[d, i], lay.recv_token[d, i]] += rows[d, perm_row[i, e]].astype(np.float32)
+    out += part
+  return out.astype(dtype)
+
+
+# (dtype, pad_multiple, routing, bound): skew, all rows masked, pads, drops at N and at M.
+HYBRID_VARIANTS = [("bfloat16", None, "random", None), ("bfloat16", 16, "one_expert", None),
+                   ("float32", 128, "masked", None), ("bfloat16", 16, "random", "N"),
+                   ("fp8", 16, "random", "M")]
+
+
+def case_hybrid_fused(ctx):
+  """hybrid_ep_dispatch/combine (fused kernels on native) over edge cases, bits vs the oracle."""
+  ep, T, K, L = ctx.ep, 29, 3, 4
+  E, impl, r, c = ep * L, ctx.impl, ctx.rank, Checks()
+  for dtype, pad, kind, bound in HYBRID_VARIANTS:
+    what = f"{dtype}/pad{pad}/{kind}/{bound}"
+    hidden = {"bfloat16": 48, "float32": 32, "fp8": 256}[dtype]
+    rng = rng_for("hybrid_fused", ep, what)
+    idx = oracle.random_topk(rng, ep, T, K, E, kind="random" if kind == "masked" else kind,
+                             masked_rows=tuple(range(T)) if kind == "masked" else (1,))
+    probs = np.where(idx >= 0, rng.random(idx.shape) + 0.1, 0).astype(np.float32)
+    rmap, dprobs = oracle.topk_to_map(idx, probs, E)
+    x = rand(rng, (ep, T, hidden), np.float32)
+    scales = np.ones((ep, T, 1), np.float32)
+    if dtype == "fp8":
+      q, s = jax.vmap(jmd.quantize_fp8)(jnp.asarray(x))
+      x, scales = np.asarray(q), np.asarray(s)
+    else:
+      x = x.astype(BF16 if dtype == "bfloat16" else np.float32)
+    g_y = rand(rng, (ep, T, hidden), np.float32)
+    max_recv = ep * T // 2 if bound == "M" else None
+    num_rows = ep * T // 2 if bound == "N" else None
+
+    def fn(x, scales, rmap, dprobs, g_y):
+      def loss(x, dprobs):
+        px, pprobs, pscales, tpe, handle = jmd.hybrid_ep_dispatch(
+            x, rmap, dprobs, L, "ep", scaling_factor=scales if dtype == "fp8" else None, topk=K,
+            pad_multiple=pad, num_permuted_tokens=num_rows, max_recv_tokens=max_recv,
+            implementation=impl)
+        rows = px.astype(jnp.bfloat16) if dtype == "fp8" else px
+        y = jmd.hybrid_ep_combine(rows * pprobs[:, None].astype(rows.dtype), handle, "ep",
+                                  implementation=impl)
+        return (y.astype(jnp.float32) * g_y).sum(), (px, pprobs, pscales, tpe, y)
+
+      if dtype == "fp8":  # No gradient through FP8 rows: probabilities only.
+        (_, aux), gp = jax.value_and_grad(lambda p: loss(x, p), has_aux=True)(dprobs)
+        return aux, (jnp.zeros(()), gp)
+      (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, dprobs)
+      return aux, grads
+
+    run = ctx.program(fn, x, scales, rmap, dprobs, g_y)
+    ctx.meet(f"ready {what}")
+    (px, pprobs, pscales, tpe, y), (gx, gp) = run()
+    want = oracle.hybrid_dispatch(x, rmap, dprobs, L, max_recv=max_recv, num_rows=num_rows,
+                                  pad_multiple=pad or 1, topk=K,
+                                  scales=scales if dtype == "fp8" else None)
+    c.bitwise(f"{what} permuted_x", px, want["permuted_x"][r])
+    c.bitwise(f"{what} permuted_probs", pprobs, want["permuted_probs"][r])
+    c.equal(f"{what} tokens_per_expert", tpe, want["tokens_per_expert"][r])
+    if dtype == "fp8":
+      c.bitwise(f"{what} permuted_scales", pscales, want["permuted_scales"][r])
+    rows = want["permuted_x"].astype(BF16 if dtype == "fp8" else want["permuted_x"].dtype)
+    weighted = rows * want["permuted_probs"][..., None].astype(rows.dtype)
+    c.bitwise(f"{what} combine", y, exact_hybrid_combine(want, weighted, rows.dtype)[r])
+    # The cotangent reaches the rows in their dtype; the probabilities' gradient is a
+    # dot over H in that dtype: checked against 2% of the sum of its terms' magnitudes.
+    g_perm = oracle.hybrid_combine_vjp(want, g_y.astype(rows.dtype)).astype(np.float64)
+    px64 = want["permuted_x"].astype(np.float64)
+    want_gx, want_gp = oracle.hybrid_dispatch_vjp(
+        want, g_perm * want["permuted_probs"][..., None], (g_perm * px64).sum(-1))
+    _, bound = oracle.hybrid_dispatch_vjp(want, np.zeros_like(g_perm), np.abs(g_perm * px64).sum(-1))
+    if dtype != "fp8":
+      c.close(f"{what} grad x", gx, want_gx[r], rtol=2e-2, atol=2e-2)
+    err = np.abs(np.asarray(gp, np.float64) - want_gp[r])
+    c.true(f"{what} grad probs within 2% of its terms (max excess "
+           f"{(err - 2e-2 * bound[r] - 1e-6).max():.3g})", bool((err <= 2e-2 * bound[r] + 1e-6).all()))
   return c.done()
 
 

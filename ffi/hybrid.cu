@@ -1,0 +1,501 @@
+// Fused HybridEP kernels: dispatch into the expert-major permuted buffer and
+// combine out of it. core/permute.py specifies the permutation and
+// backends/reference.py the bits; hybrid.h says where these kernels sit in a call.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "hybrid.h"
+
+namespace jmd {
+namespace {
+
+// Published slots of a hybrid dispatch, per source rank: the send lists first, then
+// the row streams, then (fresh) the routing map and probability slices.
+constexpr int kListSlot = 0;
+constexpr int kRowSlot = 1;
+
+// Dispatch destinations a warp collects before it copies a row (more are copied
+// in further rounds, reading the row again).
+constexpr int kWarpDsts = 64;
+constexpr int kWarps = kThreads / 32;
+
+template <int W> struct Vec;
+template <> struct Vec<16> { using T = int4; };
+template <> struct Vec<8> { using T = int2; };
+template <> struct Vec<4> { using T = int; };
+template <> struct Vec<2> { using T = short; };
+template <> struct Vec<1> { using T = char; };
+
+#define JMD_HYBRID_WIDTH(width, ...)                         \
+  switch (width) {                                           \
+    case 16: { constexpr int W = 16; __VA_ARGS__; } break;   \
+    case 8: { constexpr int W = 8; __VA_ARGS__; } break;     \
+    case 4: { constexpr int W = 4; __VA_ARGS__; } break;     \
+    case 2: { constexpr int W = 2; __VA_ARGS__; } break;     \
+    default: { constexpr int W = 1; __VA_ARGS__; } break;    \
+  }
+
+// Where this rank's receive rows come from (from notify's layout).
+struct Sources {
+  const char* rows[kMaxRowStreams][kMaxRanks];  // [stream][source axis index]
+  const uint8_t* map[kMaxRanks];                // [T, R, L] routing slices (fresh)
+  const char* probs[kMaxRanks];                 // [T, R, L] probabilities (fresh)
+  const int32_t* list[kMaxRanks];               // source s's list for me
+  int start[kMaxRanks + 1];
+};
+
+// Fills `src` from the layout (all threads of the block; ends with a barrier).
+template <bool kFresh>
+__device__ void LoadSources(Sources& src, const Layout& layout, const HybridParams& p, int size, int me) {
+  if (threadIdx.x < kMaxRanks) {
+    const int s = threadIdx.x;
+    const bool in = s < size;
+    for (int k = 0; k < kMaxRowStreams; ++k) {
+      src.rows[k][s] = in && k < p.num_row_streams ? reinterpret_cast<const char*>(layout.ptrs[s][kRowSlot + k])
+                                                   : nullptr;
+    }
+    const int extra = kRowSlot + p.num_row_streams;
+    src.map[s] = in && kFresh ? reinterpret_cast<const uint8_t*>(layout.ptrs[s][extra]) : nullptr;
+    src.probs[s] = in && kFresh ? reinterpret_cast<const char*>(layout.ptrs[s][extra + 1]) : nullptr;
+    src.list[s] = in ? reinterpret_cast<const int32_t*>(layout.ptrs[s][kListSlot]) +
+                           static_cast<int64_t>(me) * p.num_tokens
+                     : nullptr;
+  }
+  if (threadIdx.x <= kMaxRanks) src.start[threadIdx.x] = layout.recv_start[min(static_cast<int>(threadIdx.x), size)];
+  __syncthreads();
+}
+
+__device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
+  int s = 0;
+  while (s + 1 < size && row >= src.start[s + 1]) ++s;
+  return s;
+}
+
+// Exclusive prefix sum over the block (blockDim.x == kThreads); `total` gets the
+// block's sum. Every thread must call it.
+__device__ int BlockExclusiveSum(int v, int* total) {
+  __shared__ int warp_sums[kWarps];
+  __shared__ int block_total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int own = lane < kWarps ? warp_sums[lane] : 0;
+    int w = own;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int n = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += n;
+    }
+    if (lane < kWarps) warp_sums[lane] = w - own;
+    if (lane == 31) block_total = w;
+  }
+  __syncthreads();
+  const int out = warp_sums[warp] + incl - v;
+  *total = block_total;
+  __syncthreads();  // warp_sums and block_total may be reused by the next call.
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Fresh dispatch, step 1: for each local expert (a block each), the rank of every
+// routed receive row within the expert's group (receive order), written to
+// perm_row, and the group's row count. perm_row of unrouted rows is -1. Each
+// thread takes 32 consecutive rows per round, so a round is one block scan.
+
+constexpr int kScanRows = 32;
+
+__global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const __grid_constant__ HybridParams p) {
+  __shared__ Sources src;
+  const Layout& layout = g.regions[g.position]->layout;
+  if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
+  const int size = g.size, me = layout.my_axis_index, num_local = p.num_local;
+  LoadSources<true>(src, layout, p, size, me);
+  const int num_recv = src.start[size];
+  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
+    int carry = 0;
+    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
+      const int first = round + threadIdx.x * kScanRows;
+      uint32_t hits = 0;
+#pragma unroll 8
+      for (int k = 0; k < kScanRows; ++k) {
+        const int i = first + k;
+        if (i < num_recv) {
+          const int s = SourceOf(src, size, i);
+          const int64_t t = src.list[s][i - src.start[s]];
+          hits |= static_cast<uint32_t>(src.map[s][(t * size + me) * num_local + e] != 0) << k;
+        }
+      }
+      int total;
+      int rank = carry + BlockExclusiveSum(__popc(hits), &total);
+      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
+        const bool hit = (hits >> k) & 1u;
+        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
+        rank += hit;
+      }
+      carry += total;
+    }
+    if (threadIdx.x == 0) p.counts[e] = carry;
+  }
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t pad_begin = static_cast<int64_t>(num_recv) * num_local;
+  const int64_t pad_end = static_cast<int64_t>(p.max_recv) * num_local;
+  for (int64_t i = pad_begin + tid; i < pad_end; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p.perm_row[i] = -1;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Step 2 (fresh and cached): a warp per receive row reads the row once from its
+// source and stores it into each of its permuted rows; then padding rows are zeroed.
+
+// Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
+template <int W>
+__device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, int n, int lane) {
+  using V = typename Vec<W>::T;
+  constexpr int kUnroll = W == 16 ? 8 : 4;
+  const int nvec = bytes / W;
+  const V* src = reinterpret_cast<const V*>(in);
+  for (int base = 0; base < nvec; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < nvec) v[u] = __ldg(src + i);
+    }
+    for (int j = 0; j < n; ++j) {
+      V* out = reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < nvec) out[i] = v[u];
+      }
+    }
+  }
+}
+
+template <int W>
+__device__ void ZeroRow(char* dst, int bytes, int lane) {
+  using V = typename Vec<W>::T;
+  V* out = reinterpret_cast<V*>(dst);
+  for (int i = lane; i < bytes / W; i += 32) out[i] = V{};
+}
+
+// Group e of the permuted buffer is [start[e], start[e + 1]) (start[L]: the total,
+// unclipped); its first count[e] rows are routed rows, the rest padding.
+__device__ int GroupOf(const int* start, int num_local, int row) {
+  int lo = 0, hi = num_local - 1;  // The last e with start[e] <= row.
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (start[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <bool kFresh>
+__global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, const __grid_constant__ HybridParams p) {
+  __shared__ Sources src;
+  __shared__ int dsts[kWarps][kWarpDsts];
+  extern __shared__ int groups[];  // fresh: start[L + 1], count[L]
+  const Layout& layout = g.regions[g.position]->layout;
+  if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
+  const int size = g.size, me = layout.my_axis_index, num_local = p.num_local, num_rows = p.num_rows;
+  LoadSources<kFresh>(src, layout, p, size, me);
+  int* start = groups;
+  int* count = groups + num_local + 1;
+  if (kFresh) {
+    int carry = 0;
+    for (int base = 0; base < num_local; base += blockDim.x) {
+      const int e = base + threadIdx.x;
+      const int c = e < num_local ? p.counts[e] : 0;
+      const int padded = (c + p.pad_multiple - 1) / p.pad_multiple * p.pad_multiple;
+      int total;
+      const int s = carry + BlockExclusiveSum(padded, &total);
+      if (e < num_local) {
+        start[e] = s;
+        count[e] = c;
+        if (blockIdx.x == 0) {
+          p.tokens_per_expert[e] = min(max(s + padded, 0), num_rows) - min(max(s, 0), num_rows);
+        }
+      }
+      carry += total;
+    }
+    if (threadIdx.x == 0) start[num_local] = carry;
+    __syncthreads();
+  }
+  const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
+  const int warp = blockIdx.x * kWarps + warp_in_block;
+  const int total_warps = gridDim.x * kWarps;
+  const int num_recv = src.start[size];
+  int* mine = dsts[warp_in_block];
+
+  for (int i = warp; i < num_recv; i += total_warps) {
+    const int s = SourceOf(src, size, i);
+    const int64_t t = src.list[s][i - src.start[s]];
+    if (kFresh && lane == 0) p.recv_token[i] = static_cast<int32_t>(t);
+    int n = 0;
+    for (int base = 0; base < num_local; base += 32) {
+      const int e = base + lane;
+      int dst = -1;
+      if (e < num_local) {
+        int32_t* slot = p.perm_row + static_cast<int64_t>(i) * num_local + e;
+        if (kFresh) {
+          const int rank = *slot;
+          if (rank >= 0) {
+            dst = start[e] + rank < num_rows ? start[e] + rank : -1;  // Past N: dropped.
+            *slot = dst;
+            if (dst >= 0) {
+              p.src_row[dst] = i;
+              const char* prob = src.probs[s] + ((t * size + me) * num_local + e) * p.prob_bytes;
+              char* out = p.probs_out + static_cast<int64_t>(dst) * p.prob_bytes;
+              if (p.prob_bytes == 4) {
+                *reinterpret_cast<int*>(out) = *reinterpret_cast<const int*>(prob);
+              } else {
+                *reinterpret_cast<short*>(out) = *reinterpret_cast<const short*>(prob);
+              }
+            }
+          }
+        } else {
+          dst = *slot;
+        }
+      }
+      const unsigned hits = __ballot_sync(0xffffffffu, dst >= 0);
+      if (dst >= 0) mine[n + __popc(hits & ((1u << lane) - 1))] = dst;
+      n += __popc(hits);
+      __syncwarp();
+      if (n > kWarpDsts - 32 || (base + 32 >= num_local && n > 0)) {  // Flush: copy the row.
+        for (int k = 0; k < p.num_row_streams; ++k) {
+          const RowStream& st = p.rows[k];
+          const char* in = src.rows[k][s] + t * st.bytes;
+          JMD_HYBRID_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
+        }
+        n = 0;
+        __syncwarp();
+      }
+    }
+  }
+
+  if (kFresh) {  // Receive rows past the received ones: no source token.
+    const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int64_t i = num_recv + tid; i < p.max_recv; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      p.recv_token[i] = -1;
+    }
+  }
+  // Padding rows of the permuted buffer (and rows past every group): zero.
+  for (int j = warp; j < num_rows; j += total_warps) {
+    bool pad;
+    if (kFresh) {
+      const int e = GroupOf(start, num_local, j);
+      pad = j >= start[num_local] || j - start[e] >= count[e];
+    } else {
+      pad = p.src_row[j] < 0;
+    }
+    if (!pad) continue;
+    if (kFresh && lane == 0) {
+      p.src_row[j] = -1;
+      char* out = p.probs_out + static_cast<int64_t>(j) * p.prob_bytes;
+      for (int b = 0; b < p.prob_bytes; ++b) out[b] = 0;
+    }
+    for (int k = 0; k < p.num_row_streams; ++k) {
+      const RowStream& st = p.rows[k];
+      JMD_HYBRID_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Combine: a warp per token. For each rank d it went to (ascending), the float32
+// sum over its permuted rows there (ascending local expert, read through d's
+// perm_row), added to the token's float32 total; one rounding at the end.
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+  __device__ static float ToF(float v) { return v; }
+  __device__ static float FromF(float v) { return v; }
+};
+template <> struct Num<__nv_bfloat16> {
+  __device__ static float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 FromF(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Num<__half> {
+  __device__ static float ToF(__half v) { return __half2float(v); }
+  __device__ static __half FromF(float v) { return __float2half_rn(v); }
+};
+
+// Elements per 16-byte vector, unpacked to / packed from float32.
+template <typename T>
+struct Pack16 {
+  static constexpr int kN = 16 / sizeof(T);
+  __device__ static void Add(float* acc, const int4& v) {
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) acc[i] += Num<T>::ToF(e[i]);
+  }
+  __device__ static int4 Pack(const float* acc) {
+    int4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) e[i] = Num<T>::FromF(acc[i]);
+    return v;
+  }
+};
+
+constexpr int kCombineUnroll = 2;  // 16-byte vectors per lane per column chunk.
+constexpr int kCombineBatch = 4;   // expert rows whose loads are in flight together.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
+                                                                const __grid_constant__ HybridCombineParams p) {
+  constexpr int kN = Pack16<T>::kN;
+  __shared__ const T* rows_of[kMaxRanks];
+  __shared__ const int32_t* perm_of[kMaxRanks];
+  __shared__ int offset[kMaxRanks];
+  const Layout& layout = g.regions[g.position]->layout;
+  if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
+  const int size = g.size, num_local = p.num_local, hidden = p.hidden;
+  if (threadIdx.x < size) {
+    const int d = threadIdx.x;
+    rows_of[d] = reinterpret_cast<const T*>(layout.ptrs[d][0]);
+    perm_of[d] = reinterpret_cast<const int32_t*>(layout.ptrs[d][1]);
+    offset[d] = p.dest_offset[d];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int total_warps = gridDim.x * kWarps;
+  const bool vectorized = (static_cast<int64_t>(hidden) * sizeof(T)) % 16 == 0;
+  // Columns of one chunk: 16-byte vectors, or single elements (8 per lane).
+  const int chunk = vectorized ? 32 * kCombineUnroll * kN : 32 * 8;
+
+  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < p.num_tokens; t += total_warps) {
+    int recv_row = -1;
+    if (lane < size) {
+      const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
+      if (pos >= 0) recv_row = offset[lane] + pos;
+    }
+    T* out = reinterpret_cast<T*>(p.out) + static_cast<int64_t>(t) * hidden;
+    for (int col0 = 0; col0 < hidden; col0 += chunk) {
+      float acc[kCombineUnroll * kN];
+#pragma unroll
+      for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] = 0.0f;
+      for (int d = 0; d < size; ++d) {
+        const int r = __shfl_sync(0xffffffffu, recv_row, d);
+        if (r < 0) continue;
+        float part[kCombineUnroll * kN];
+#pragma unroll
+        for (int i = 0; i < kCombineUnroll * kN; ++i) part[i] = 0.0f;
+        const int32_t* perm = perm_of[d] + static_cast<int64_t>(r) * num_local;
+        const T* base = rows_of[d];
+        for (int e0 = 0; e0 < num_local; e0 += 32) {
+          const int row = e0 + lane < num_local ? __ldg(perm + e0 + lane) : -1;
+          unsigned hits = __ballot_sync(0xffffffffu, row >= 0);
+          while (hits != 0) {
+            // Up to kCombineBatch rows, ascending expert (`hits` is the same in every
+            // lane); loads first, then adds in order.
+            const T* src[kCombineBatch];
+            int nb = 0;
+#pragma unroll
+            for (int b = 0; b < kCombineBatch; ++b) {
+              src[b] = nullptr;
+              if (hits != 0) {
+                const int l = __ffs(hits) - 1;
+                hits &= hits - 1;
+                src[b] = base + static_cast<int64_t>(__shfl_sync(0xffffffffu, row, l)) * hidden;
+                ++nb;
+              }
+            }
+            if (vectorized) {
+              int4 v[kCombineBatch][kCombineUnroll];
+#pragma unroll
+              for (int b = 0; b < kCombineBatch; ++b) {
+#pragma unroll
+                for (int u = 0; u < kCombineUnroll; ++u) {
+                  const int col = col0 + (u * 32 + lane) * kN;
+                  if (b < nb && col < hidden) v[b][u] = __ldg(reinterpret_cast<const int4*>(src[b] + col));
+                }
+              }
+#pragma unroll
+              for (int b = 0; b < kCombineBatch; ++b) {
+#pragma unroll
+                for (int u = 0; u < kCombineUnroll; ++u) {
+                  const int col = col0 + (u * 32 + lane) * kN;
+                  if (b < nb && col < hidden) Pack16<T>::Add(part + u * kN, v[b][u]);
+                }
+              }
+            } else {
+#pragma unroll
+              for (int b = 0; b < kCombineBatch; ++b) {
+                if (b >= nb) continue;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                  const int col = col0 + u * 32 + lane;
+                  if (col < hidden) part[u] += Num<T>::ToF(src[b][col]);
+                }
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] += part[i];
+      }
+      if (vectorized) {
+#pragma unroll
+        for (int u = 0; u < kCombineUnroll; ++u) {
+          const int col = col0 + (u * 32 + lane) * kN;
+          if (col < hidden) *reinterpret_cast<int4*>(out + col) = Pack16<T>::Pack(acc + u * kN);
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int col = col0 + u * 32 + lane;
+          if (col < hidden) out[col] = Num<T>::FromF(acc[u]);
+        }
+      }
+    }
+  }
+}
+
+size_t GroupBytes(const HybridParams& p) { return sizeof(int) * (2 * static_cast<size_t>(p.num_local) + 1); }
+
+}  // namespace
+
+cudaError_t LaunchHybridDispatch(const GroupView& g, const HybridParams& p, int num_blocks, cudaStream_t stream) {
+  // A block per local expert: the scan is short and latency-bound, so its blocks are
+  // not held to the op's SM budget (the permute kernel is).
+  HybridScanKernel<<<p.num_local, kThreads, 0, stream>>>(g, p);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  const size_t smem = GroupBytes(p);
+  if (smem > 48 * 1024) {
+    if (cudaError_t err = cudaFuncSetAttribute(HybridPermuteKernel<true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        err != cudaSuccess) {
+      return err;
+    }
+  }
+  HybridPermuteKernel<true><<<num_blocks, kThreads, smem, stream>>>(g, p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchHybridDispatchCached(const GroupView& g, const HybridParams& p, int num_blocks,
+                                       cudaStream_t stream) {
+  HybridPermuteKernel<false><<<num_blocks, kThreads, 0, stream>>>(g, p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchHybridCombine(const GroupView& g, const HybridCombineParams& p, int num_blocks,
+                                cudaStream_t stream) {
+  switch (p.dtype) {
+    case Dtype::kF32: HybridCombineKernel<float><<<num_blocks, kThreads, 0, stream>>>(g, p); break;
+    case Dtype::kBF16: HybridCombineKernel<__nv_bfloat16><<<num_blocks, kThreads, 0, stream>>>(g, p); break;
+    case Dtype::kF16: HybridCombineKernel<__half><<<num_blocks, kThreads, 0, stream>>>(g, p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace jmd
