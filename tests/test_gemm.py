@@ -89,6 +89,23 @@ def test_interpreted_kernels_match_oracle(layout):
   assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
 
 
+@pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows", "rows_not_multiple_of_128"])
+def test_interpreted_warp_specialised_kernels_match_oracle(layout):
+  """Output widths of 256 take the two-consumer gmm (fwd and dgrad): its work items, row-range
+  stores and past-the-end zero items, under the interpreter."""
+  num_rows, sizes = LAYOUTS[layout]
+  k = m = 256
+  assert gemm_api.tile_config("fwd", k, m, jnp.bfloat16).consumers == 2
+  assert gemm_api.tile_config("dgrad", k, m, jnp.bfloat16).consumers == 2
+  x, w, dy = _data(num_rows, sizes, k, m, jnp.bfloat16, seed=hash(layout) % 997)
+  y, dx, dw = _run(x, w, dy, sizes, "interpret")
+  for got, want, what, rtol in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes),
+                                   "y dx dw".split(), (1e-5, 8e-3, 8e-3)):
+    _assert_matches(got, want, f"{layout}: {what}", rtol=rtol)
+  total = sum(sizes)
+  assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
+
+
 @pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows"])
 def test_xla_fallback_matches_oracle_and_check_grads(layout):
   num_rows, sizes = LAYOUTS[layout]
