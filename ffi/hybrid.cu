@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "hybrid.h"
+#include "vectors.h"
 
 namespace jmd {
 namespace {
@@ -18,22 +19,6 @@ constexpr int kRowSlot = 1;
 // in further rounds, reading the row again).
 constexpr int kWarpDsts = 64;
 constexpr int kWarps = kThreads / 32;
-
-template <int W> struct Vec;
-template <> struct Vec<16> { using T = int4; };
-template <> struct Vec<8> { using T = int2; };
-template <> struct Vec<4> { using T = int; };
-template <> struct Vec<2> { using T = short; };
-template <> struct Vec<1> { using T = char; };
-
-#define JMD_HYBRID_WIDTH(width, ...)                         \
-  switch (width) {                                           \
-    case 16: { constexpr int W = 16; __VA_ARGS__; } break;   \
-    case 8: { constexpr int W = 8; __VA_ARGS__; } break;     \
-    case 4: { constexpr int W = 4; __VA_ARGS__; } break;     \
-    case 2: { constexpr int W = 2; __VA_ARGS__; } break;     \
-    default: { constexpr int W = 1; __VA_ARGS__; } break;    \
-  }
 
 // Where this rank's receive rows come from (from notify's layout).
 struct Sources {
@@ -158,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
 // Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
 template <int W>
 __device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, int n, int lane) {
-  using V = typename Vec<W>::T;
+  using V = typename VecOf<W>::T;
   constexpr int kUnroll = W == 16 ? 8 : 4;
   const int nvec = bytes / W;
   const V* src = reinterpret_cast<const V*>(in);
@@ -182,7 +167,7 @@ __device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, i
 
 template <int W>
 __device__ void ZeroRow(char* dst, int bytes, int lane) {
-  using V = typename Vec<W>::T;
+  using V = typename VecOf<W>::T;
   V* out = reinterpret_cast<V*>(dst);
   for (int i = lane; i < bytes / W; i += 32) out[i] = V{};
 }
@@ -273,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
         for (int k = 0; k < p.num_row_streams; ++k) {
           const RowStream& st = p.rows[k];
           const char* in = src.rows[k][s] + t * st.bytes;
-          JMD_HYBRID_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
+          JMD_SWITCH_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
         }
         n = 0;
         __syncwarp();
@@ -304,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
     }
     for (int k = 0; k < p.num_row_streams; ++k) {
       const RowStream& st = p.rows[k];
-      JMD_HYBRID_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
+      JMD_SWITCH_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
     }
   }
 }

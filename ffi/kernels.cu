@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels.h"
+#include "vectors.h"
 
 namespace jmd {
 namespace {
@@ -307,22 +308,6 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, c
 // Dispatch: each rank pulls its receive rows. Row `row` of source s is token
 // list_s[me][row - start[s]] of s; its data is loaded from s's inputs and stored
 // into this rank's outputs.
-
-template <int W> struct VecOf;
-template <> struct VecOf<16> { using T = int4; };
-template <> struct VecOf<8> { using T = int2; };
-template <> struct VecOf<4> { using T = int; };
-template <> struct VecOf<2> { using T = short; };
-template <> struct VecOf<1> { using T = char; };
-
-#define JMD_SWITCH_WIDTH(width, ...)          \
-  switch (width) {                            \
-    case 16: { constexpr int W = 16; __VA_ARGS__; } break; \
-    case 8: { constexpr int W = 8; __VA_ARGS__; } break;   \
-    case 4: { constexpr int W = 4; __VA_ARGS__; } break;   \
-    case 2: { constexpr int W = 2; __VA_ARGS__; } break;   \
-    default: { constexpr int W = 1; __VA_ARGS__; } break;  \
-  }
 
 // Rows of at least this many bytes, in 16-byte vectors (hidden states), move a
 // warp per row; the others (routing metadata, FP8 scales) a vector per thread.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import zlib
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -108,3 +109,19 @@ def rand(rng, shape, dtype):
   a = rng.normal(size=shape)
   a = np.where(np.abs(a) < 0.05, 0.5, a)  # Never exactly zero.
   return a.astype(dtype)
+
+
+def rng_for(*salt) -> np.random.Generator:
+  """A generator seeded by ``salt`` (stable across runs and processes)."""
+  return np.random.default_rng(zlib.crc32(repr(salt).encode()))
+
+
+def native_group(n: int, gpus: int) -> int:
+  """Skip unless ``gpus >= n``; else set up the native buffers of an ``n``-GPU group; returns ``n``."""
+  if gpus < n:
+    pytest.skip(f"needs {n} GPUs, found {gpus}")
+  from jax_moe_dispatch.backends import buffer, native
+
+  assert native.native_available(), native.native_unavailable_reason()
+  buffer.get_buffer(mesh(n), 4096, axis_name="ep")
+  return n

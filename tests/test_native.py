@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zlib
 
 import _harness as H  # Sets XLA_FLAGS before jax is imported.
 import jax
@@ -36,18 +35,10 @@ IMPLS = ("native", "reference")
 
 @pytest.fixture(params=[2, 4, 8], ids=lambda n: f"ep{n}")
 def ep(request):
-  n = request.param
-  if gpu_count() < n:
-    pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
-  from jax_moe_dispatch.backends import native
-
-  assert native.native_available(), native.native_unavailable_reason()
-  buffer.get_buffer(H.mesh(n), 4096, axis_name="ep")
-  return n
+  return H.native_group(request.param, gpu_count())
 
 
-def rng_for(*salt) -> np.random.Generator:
-  return np.random.default_rng(zlib.crc32(repr(salt).encode()))
+rng_for = H.rng_for
 
 
 def routing(rng, ep, T, K, E, kind="random"):
