@@ -125,3 +125,16 @@ def native_group(n: int, gpus: int) -> int:
   assert native.native_available(), native.native_unavailable_reason()
   buffer.get_buffer(mesh(n), 4096, axis_name="ep")
   return n
+
+
+def both_impls(fn, ep: int, *args, impls=("native", "reference")) -> dict:
+  """``{impl: numpy outputs}`` of ``fn(impl, *per_rank_args)`` run per rank for each of ``impls``."""
+  return {impl: to_np(ep_map(lambda *a, impl=impl: fn(impl, *a), ep)(*args)) for impl in impls}
+
+
+def assert_same(tree_a, tree_b, what: str) -> None:
+  """Every leaf of ``tree_a`` bit for bit equal to ``tree_b``'s (native vs reference)."""
+  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
+  assert len(leaves_a) == len(leaves_b)
+  for i, (a, b) in enumerate(zip(leaves_a, leaves_b)):
+    assert_bitwise(a, b, f"{what}[{i}] native vs reference")

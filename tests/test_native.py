@@ -48,15 +48,10 @@ def routing(rng, ep, T, K, E, kind="random"):
 
 
 def both(fn, ep, *args):
-  """``{impl: numpy outputs}`` of ``fn(impl, *per_rank_args)`` run per rank."""
-  return {impl: H.to_np(H.ep_map(lambda *a, impl=impl: fn(impl, *a), ep)(*args)) for impl in IMPLS}
+  return H.both_impls(fn, ep, *args, impls=IMPLS)
 
 
-def assert_same(tree_a, tree_b, what):
-  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
-  assert len(leaves_a) == len(leaves_b)
-  for i, (a, b) in enumerate(zip(leaves_a, leaves_b)):
-    H.assert_bitwise(a, b, f"{what}[{i}] native vs reference")
+assert_same = H.assert_same
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "fp8"])

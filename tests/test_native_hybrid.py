@@ -44,14 +44,10 @@ def routing(rng, ep, T, K, E, kind="random", masked=None):
 
 
 def both(fn, ep, *args):
-  return {impl: H.to_np(H.ep_map(lambda *a, impl=impl: fn(impl, *a), ep)(*args)) for impl in IMPLS}
+  return H.both_impls(fn, ep, *args, impls=IMPLS)
 
 
-def assert_same(tree_a, tree_b, what):
-  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
-  assert len(leaves_a) == len(leaves_b)
-  for i, (a, b) in enumerate(zip(leaves_a, leaves_b)):
-    H.assert_bitwise(a, b, f"{what}[{i}] native vs reference")
+assert_same = H.assert_same
 
 
 def _inputs(rng, ep, T, Hd, dtype):

@@ -177,6 +177,27 @@ class NativeBackend:
         max_recv=np.int64(handle.max_recv), num_blocks=self.num_blocks)
     return _varying(list(outs[1:]), axis_name)
 
+  def _summing_call(self, target: str, what: str, rows: jax.Array, handle: DispatchHandle,
+                    extra: tuple, axis_name: str) -> jax.Array:
+    """A combine-like FFI call: ``[rows, ...]`` -> ``[T, ...]`` float32 sums, in ``rows``' dtype.
+
+    Its operands: the axis index, ``handle.send_pos``, ``handle.dest_offset``, ``extra``, then
+    the rows flattened to 2D.
+    """
+    _register()
+    if rows.dtype not in _COMBINE_DTYPES:
+      raise TypeError(
+          f"the native {what} sums float32, bfloat16 or float16 rows, got {rows.dtype}. "
+          "Fix: cast the rows, or use implementation='reference'.")
+    tail = rows.shape[1:]
+    flat = rows.reshape(rows.shape[0], -1)
+    out = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct((handle.num_tokens, flat.shape[1]), rows.dtype),
+        has_side_effect=True,
+    )(_axis_index(axis_name), handle.send_pos, handle.dest_offset, *extra, flat,
+      num_blocks=self.num_blocks)
+    return _varying(out, axis_name).reshape((handle.num_tokens,) + tail)
+
   def combine(
       self,
       rows: jax.Array,
@@ -184,18 +205,7 @@ class NativeBackend:
       *,
       axis_name: str,
   ) -> jax.Array:
-    _register()
-    if rows.dtype not in _COMBINE_DTYPES:
-      raise TypeError(
-          f"the native combine sums float32, bfloat16 or float16 rows, got {rows.dtype}. "
-          "Fix: cast the rows, or use implementation='reference'.")
-    tail = rows.shape[1:]
-    flat = rows.reshape(rows.shape[0], -1)
-    out = jax.ffi.ffi_call(
-        "jmd_combine", jax.ShapeDtypeStruct((handle.num_tokens, flat.shape[1]), rows.dtype),
-        has_side_effect=True,
-    )(_axis_index(axis_name), handle.send_pos, handle.dest_offset, flat, num_blocks=self.num_blocks)
-    return _varying(out, axis_name).reshape((handle.num_tokens,) + tail)
+    return self._summing_call("jmd_combine", "combine", rows, handle, (), axis_name)
 
   # HybridEP (jax_moe_dispatch.core.hybrid): dispatch straight into the
   # expert-major permuted rows and combine straight out of them. The permutation
@@ -265,16 +275,5 @@ class NativeBackend:
       axis_name: str,
   ) -> jax.Array:
     """``jmd_hybrid_combine``: ``[N, ...]`` permuted rows -> ``[T, ...]``, one float32 sum per token."""
-    _register()
-    if rows.dtype not in _COMBINE_DTYPES:
-      raise TypeError(
-          f"the native HybridEP combine sums float32, bfloat16 or float16 rows, got {rows.dtype}. "
-          "Fix: cast the rows, or use implementation='reference'.")
-    tail = rows.shape[1:]
-    flat = rows.reshape(rows.shape[0], -1)
-    out = jax.ffi.ffi_call(
-        "jmd_hybrid_combine", jax.ShapeDtypeStruct((handle.num_tokens, flat.shape[1]), rows.dtype),
-        has_side_effect=True,
-    )(_axis_index(axis_name), handle.send_pos, handle.dest_offset, perm_row, flat,
-      num_blocks=self.num_blocks)
-    return _varying(out, axis_name).reshape((handle.num_tokens,) + tail)
+    return self._summing_call("jmd_hybrid_combine", "HybridEP combine", rows, handle, (perm_row,),
+                              axis_name)
