@@ -23,27 +23,29 @@ using S32Vector = ffi::Buffer<ffi::S32, 1>;
 using S32Matrix = ffi::Buffer<ffi::S32, 2>;
 
 namespace jmd {
-namespace {
+
+// Shared with the other handler files (handlers_internal.h).
 
 ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_moe_dispatch: " + msg);
-}
-
-// The most blocks a data kernel is launched with (far above any GPU's SM count).
-constexpr int64_t kMaxBlocks = 1 << 16;
-
-ffi::Error CudaFailure(const char* what, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) +
-                              " (" + cudaGetErrorString(err) + ")");
 }
 
 ffi::Error Invalid(const std::string& what, int64_t value) {
   return Invalid(what + ", got " + std::to_string(value));
 }
 
-// This GPU's rank, checked against the axis size, its last recorded failure and
-// the stream of its earlier calls; makes its GPU current. The caller holds the
-// rank until its launches are enqueued (the registry frees nothing it holds).
+ffi::Error CudaFailure(const char* what, cudaError_t err) {
+  return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) +
+                              " (" + cudaGetErrorString(err) + ")");
+}
+
+ffi::Error CheckBlocks(int64_t num_blocks) {
+  if (num_blocks < 1 || num_blocks > kMaxBlocks) {
+    return Invalid("num_blocks must be in [1, " + std::to_string(kMaxBlocks) + "]", num_blocks);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::ErrorOr<std::shared_ptr<Member>> Find(int32_t device, int64_t axis_size, cudaStream_t stream) {
   std::shared_ptr<Member> m = FindMember(device);
   if (m == nullptr) {
@@ -86,9 +88,6 @@ ffi::ErrorOr<std::shared_ptr<Member>> Find(int32_t device, int64_t axis_size, cu
   return m;
 }
 
-// The kernels' view of `m`'s group for its next call, whose signature is `sig`.
-// The epoch advances only in Commit, once the call's first kernel is enqueued, so
-// that a call refused or failed before launching leaves the ranks in step.
 GroupView Next(const Member& m, const OpSignature& sig) {
   GroupView g{};
   for (int i = 0; i < m.size; ++i) {
@@ -105,16 +104,23 @@ GroupView Next(const Member& m, const OpSignature& sig) {
   return g;
 }
 
-// The call of view `g` is enqueued (its notify kernel publishes the epoch).
 void Commit(Member& m, const GroupView& g) { m.epoch = g.epoch; }
 
-// An attribute any caller of a registered target may set: the data kernels' grid.
-ffi::Error CheckBlocks(int64_t num_blocks) {
-  if (num_blocks < 1 || num_blocks > kMaxBlocks) {
-    return Invalid("num_blocks must be in [1, " + std::to_string(kMaxBlocks) + "]", num_blocks);
+int VectorWidth(int64_t bytes, const void* base) {
+  for (int w : {16, 8, 4, 2}) {
+    if (bytes % w == 0 && reinterpret_cast<uintptr_t>(base) % w == 0) return w;
   }
-  return ffi::Error::Success();
+  return 1;
 }
+
+int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
+  int64_t n = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
+  auto dims = b.dimensions();
+  for (size_t i = lead; i < dims.size(); ++i) n *= dims[i];
+  return n;
+}
+
+namespace {
 
 // axis_index is one int32.
 ffi::Error CheckAxisIndex(const S32Scalar& axis_index) {
@@ -183,21 +189,6 @@ class Staging {
   cudaStream_t stream_;
   size_t used_ = 0;
 };
-
-int VectorWidth(int64_t bytes, const void* base) {
-  for (int w : {16, 8, 4, 2}) {
-    if (bytes % w == 0 && reinterpret_cast<uintptr_t>(base) % w == 0) return w;
-  }
-  return 1;
-}
-
-// Bytes of one row of a [lead..., rest...] buffer after `lead` leading dims.
-int64_t RowBytes(const ffi::AnyBuffer& b, int lead) {
-  int64_t n = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
-  auto dims = b.dimensions();
-  for (size_t i = lead; i < dims.size(); ++i) n *= dims[i];
-  return n;
-}
 
 // Shared by fresh and cached dispatch: checks the arrays, fills the streams and
 // the addresses this rank publishes (its inputs, then its send lists), staging
@@ -282,18 +273,6 @@ OpSignature DispatchSignature(OpKind kind, const DispatchParams& p, int64_t num_
   sig.num_payloads = static_cast<int32_t>(num_payloads);
   for (int i = 0; i < p.num_streams; ++i) sig.row_bytes[i] = p.streams[i].bytes;
   return sig;
-}
-
-// Enqueues notify, then the data kernel `launch_data(view)`; the epoch advances once
-// notify is enqueued (from then on peers can see this call).
-template <typename LaunchData>
-ffi::Error LaunchCall(Member& m, const OpSignature& sig, const NotifyParams& n, cudaStream_t stream,
-                      const char* what, LaunchData launch_data) {
-  const GroupView g = Next(m, sig);
-  if (cudaError_t err = LaunchNotify(g, n, stream); err != cudaSuccess) return CudaFailure("notify launch", err);
-  Commit(m, g);
-  if (cudaError_t err = launch_data(g); err != cudaSuccess) return CudaFailure(what, err);
-  return ffi::Error::Success();
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, ffi::AnyBuffer dest_mask,
@@ -458,14 +437,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmdCombine, jmd::CombineImpl,
 
 // handlers_internal.h: the above, for the other handler files.
 namespace jmd {
-
-ffi::ErrorOr<std::shared_ptr<Member>> FindRank(int32_t device, int64_t axis_size, cudaStream_t stream) {
-  return Find(device, axis_size, stream);
-}
-
-GroupView NextCall(const Member& m, const OpSignature& sig) { return Next(m, sig); }
-
-void CommitCall(Member& m, const GroupView& g) { Commit(m, g); }
 
 ffi::Error PublishInputs(const Member& m, cudaStream_t stream, const char* op, const Published* inputs, int n,
                          size_t scratch_bytes, uint64_t* addrs, char** scratch) {

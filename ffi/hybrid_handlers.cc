@@ -23,31 +23,6 @@ using S32Matrix = ffi::Buffer<ffi::S32, 2>;
 namespace jmd {
 namespace {
 
-ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument("jax_moe_dispatch: " + msg); }
-
-ffi::Error CudaFailure(const char* what, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) + " (" +
-                              cudaGetErrorString(err) + ")");
-}
-
-int Blocks(int64_t num_blocks) { return num_blocks < 1 ? 1 : static_cast<int>(num_blocks); }
-
-int Width(int64_t bytes, const void* a, const void* b) {
-  for (int w : {16, 8, 4, 2}) {
-    if (bytes % w == 0 && reinterpret_cast<uintptr_t>(a) % w == 0 && reinterpret_cast<uintptr_t>(b) % w == 0) {
-      return w;
-    }
-  }
-  return 1;
-}
-
-int64_t RowBytes(const ffi::AnyBuffer& b) {
-  int64_t n = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
-  auto dims = b.dimensions();
-  for (size_t i = 1; i < dims.size(); ++i) n *= dims[i];
-  return n;
-}
-
 // The row streams: inputs [T, ...] into outputs [N, ...], same row bytes and dtype.
 ffi::Error SetUpRows(HybridParams& p, Published* published, ffi::RemainingArgs args, ffi::RemainingRets rets,
                      int64_t num_tokens, int64_t num_rows) {
@@ -61,9 +36,9 @@ ffi::Error SetUpRows(HybridParams& p, Published* published, ffi::RemainingArgs a
     auto out = rets.get<ffi::AnyBuffer>(k);
     if (!in.has_value()) return in.error();
     if (!out.has_value()) return out.error();
-    const int64_t bytes = RowBytes(*in);
+    const int64_t bytes = RowBytes(*in, 1);
     if (in->dimensions().size() < 1 || in->dimensions()[0] != num_tokens || (*out)->dimensions().size() < 1 ||
-        (*out)->dimensions()[0] != num_rows || RowBytes(**out) != bytes ||
+        (*out)->dimensions()[0] != num_rows || RowBytes(**out, 1) != bytes ||
         in->element_type() != (*out)->element_type()) {
       return Invalid("hybrid rows " + std::to_string(k) + " must be [T, ...] in and [N, ...] out, same rows");
     }
@@ -72,7 +47,7 @@ ffi::Error SetUpRows(HybridParams& p, Published* published, ffi::RemainingArgs a
     st.dst = static_cast<char*>((*out)->untyped_data());
     st.bytes = static_cast<int32_t>(bytes);
     // Peers' inputs have the same shapes and alignment (XLA: >= 16 bytes; staging: 256).
-    st.width = Width(bytes, in->untyped_data(), st.dst);
+    st.width = std::min(VectorWidth(bytes, in->untyped_data()), VectorWidth(bytes, st.dst));
     published[k] = Published{in->untyped_data(), in->size_bytes()};
   }
   p.num_row_streams = static_cast<int32_t>(n);
@@ -91,10 +66,6 @@ OpSignature RowsSignature(OpKind kind, const HybridParams& p) {
   return sig;
 }
 
-ffi::Error Launched(cudaError_t err, const char* what) {
-  return err == cudaSuccess ? ffi::Error::Success() : CudaFailure(what, err);
-}
-
 ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, ffi::AnyBuffer dest_mask,
                               ffi::AnyBuffer local_map, ffi::AnyBuffer local_probs, ffi::RemainingArgs args,
                               ffi::Result<S32Matrix> send_pos, ffi::Result<S32Vector> dest_offset,
@@ -103,6 +74,7 @@ ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axi
                               ffi::Result<S32Vector> src_row, ffi::Result<S32Vector> tokens_per_expert,
                               ffi::Result<S32Vector> counts, ffi::Result<ffi::AnyBuffer> permuted_probs,
                               ffi::RemainingRets rets, int64_t pad_multiple, int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
   auto mask_dims = dest_mask.dimensions();
   if (dest_mask.element_type() != ffi::DataType::PRED || mask_dims.size() != 2) {
     return Invalid("dest_mask must be bool [T, R]");
@@ -137,7 +109,7 @@ ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axi
   }
   if (pad_multiple < 1 || pad_multiple > INT32_MAX / 2) return Invalid("pad_multiple must be >= 1");
   if (num_local < 1) return Invalid("num_local_experts must be >= 1");
-  auto m = FindRank(device, ranks, stream);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
 
   HybridParams p{};
@@ -177,20 +149,19 @@ ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axi
   p.num_rows = static_cast<int32_t>(num_rows);
   p.pad_multiple = static_cast<int32_t>(pad_multiple);
 
-  const GroupView g = NextCall(**m, RowsSignature(kOpHybridDispatch, p));
-  if (auto err = Launched(LaunchNotify(g, n, stream), "notify launch"); err.failure()) return err;
-  CommitCall(**m, g);
-  if (auto err = Launched(LaunchHybridDispatch(g, p, Blocks(num_blocks), stream), "hybrid dispatch launch");
-      err.failure()) {
-    return err;
-  }
-  return Launched(LaunchFinish(g, stream), "finish launch");
+  return LaunchCall(**m, RowsSignature(kOpHybridDispatch, p), n, stream, "hybrid dispatch launch (data or finish)",
+                    [&](const GroupView& g) {
+                      const cudaError_t err = LaunchHybridDispatch(g, p, static_cast<int>(num_blocks), stream);
+                      if (err != cudaSuccess) return err;
+                      return LaunchFinish(g, stream);
+                    });
 }
 
 ffi::Error HybridDispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
                                     S32Vector recv_count, S32Matrix perm_row, S32Vector src_row,
                                     ffi::RemainingArgs args, ffi::Result<S32Matrix> lists, ffi::RemainingRets rets,
                                     int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   const int64_t max_recv = perm_row.dimensions()[0], num_local = perm_row.dimensions()[1];
   const int64_t num_rows = src_row.dimensions()[0];
@@ -201,7 +172,7 @@ ffi::Error HybridDispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scal
   if (num_tokens * ranks > INT32_MAX || max_recv * num_local > INT32_MAX || num_rows > INT32_MAX) {
     return Invalid("too many tokens");
   }
-  auto m = FindRank(device, ranks, stream);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   HybridParams p{};
   Published published[kMaxRowStreams];
@@ -230,19 +201,19 @@ ffi::Error HybridDispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scal
   p.num_rows = static_cast<int32_t>(num_rows);
   p.pad_multiple = 1;
 
-  const GroupView g = NextCall(**m, RowsSignature(kOpHybridDispatchCached, p));
-  if (auto err = Launched(LaunchNotify(g, n, stream), "notify launch"); err.failure()) return err;
-  CommitCall(**m, g);
-  if (auto err = Launched(LaunchHybridDispatchCached(g, p, Blocks(num_blocks), stream), "hybrid dispatch launch");
-      err.failure()) {
-    return err;
-  }
-  return Launched(LaunchFinish(g, stream), "finish launch");
+  return LaunchCall(**m, RowsSignature(kOpHybridDispatchCached, p), n, stream,
+                    "cached hybrid dispatch launch (data or finish)",
+                    [&](const GroupView& g) {
+                      const cudaError_t err = LaunchHybridDispatchCached(g, p, static_cast<int>(num_blocks), stream);
+                      if (err != cudaSuccess) return err;
+                      return LaunchFinish(g, stream);
+                    });
 }
 
 ffi::Error HybridCombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index, S32Matrix send_pos,
                              S32Vector dest_offset, S32Matrix perm_row, ffi::AnyBuffer rows,
                              ffi::Result<ffi::AnyBuffer> out, int64_t num_blocks) {
+  if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   const int64_t num_local = perm_row.dimensions()[1];
   auto rows_dims = rows.dimensions();
@@ -260,7 +231,7 @@ ffi::Error HybridCombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis
   }
   if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]");
   if (rows_dims[0] > INT32_MAX || rows_dims[1] > INT32_MAX) return Invalid("too many rows");
-  auto m = FindRank(device, ranks, stream);
+  auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   NotifyParams n{};
   const Published published[2] = {{rows.untyped_data(), rows.size_bytes()},
@@ -286,14 +257,12 @@ ffi::Error HybridCombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis
   sig.num_payloads = p.num_local;  // Hybrid ops: the local experts L.
   sig.dtype = static_cast<int32_t>(p.dtype);
   sig.row_bytes[0] = static_cast<int32_t>(rows_dims[1] * ffi::ByteWidth(rows.element_type()));
-  const GroupView g = NextCall(**m, sig);
-  if (auto err = Launched(LaunchNotify(g, n, stream), "notify launch"); err.failure()) return err;
-  CommitCall(**m, g);
-  if (auto err = Launched(LaunchHybridCombine(g, p, Blocks(num_blocks), stream), "hybrid combine launch");
-      err.failure()) {
-    return err;
-  }
-  return Launched(LaunchFinish(g, stream), "finish launch");
+  return LaunchCall(**m, sig, n, stream, "hybrid combine launch (data or finish)",
+                    [&](const GroupView& g) {
+                      const cudaError_t err = LaunchHybridCombine(g, p, static_cast<int>(num_blocks), stream);
+                      if (err != cudaSuccess) return err;
+                      return LaunchFinish(g, stream);
+                    });
 }
 
 }  // namespace
