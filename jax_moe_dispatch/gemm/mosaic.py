@@ -153,13 +153,24 @@ def _row_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   return g_lo, g_hi, whole.astype(jnp.int32), starts, ends
 
 
-def _params() -> Any:
-  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-
-
 def _num_sms() -> int:
   dev = jax.devices()[0]
   return int(getattr(dev, "core_count", 0) or 132)
+
+
+def _persistent_kernel(body, out_shape, out_dtype, num_sms: Optional[int], interpret: Any,
+                       **threads):
+  """``body`` as a persistent kernel: one thread block per SM (axis ``"sm"``), warpgroup
+  semantics; ``threads`` (``num_threads``, ``thread_name``) for warp-specialised bodies."""
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret,
+      **threads,
+  )
 
 
 def _rows_iota(shape, row0, interpret):
@@ -281,14 +292,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((num_rows, m), out_dtype),
-      grid=(num_sms or _num_sms(),),
-      grid_names=("sm",),
-      compiler_params=_params(),
-      interpret=interpret,
-  )
+  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret)
   return kernel(g_lo, g_hi, whole, starts, ends, x, w)
 
 
@@ -375,14 +379,7 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((num_groups, k, m), out_dtype),
-      grid=(num_sms or _num_sms(),),
-      grid_names=("sm",),
-      compiler_params=_params(),
-      interpret=interpret,
-  )
+  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, interpret)
   return kernel(starts, ends, first_block.astype(jnp.int32), num_steps, x, y)
 
 
@@ -537,14 +534,6 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((num_rows, m), out_dtype),
-      grid=(num_sms or _num_sms(),),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=_params(),
-      interpret=interpret,
-  )
+  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret,
+                              num_threads=3, thread_name="wg")
   return kernel(groups, blocks, los, his, x, w)
