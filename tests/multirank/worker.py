@@ -591,13 +591,19 @@ def case_exchange_timeout(ctx):
   return c.done()
 
 
+def _small_tokens(ctx, T: int, *salt):
+  """Small bf16 tokens for the failure cases: ``(E, idx, probs, x, rng)`` with E = 2 ep, top-2,
+  hidden 64, ``T`` tokens per rank, drawn from ``rng_for(*salt, ep)``."""
+  ep, K, H = ctx.ep, 2, 64
+  E = 2 * ep
+  rng = rng_for(*salt, ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  return E, idx, probs, rand(rng, (ep, T, H), np.float32).astype(BF16), rng
+
+
 def _timeout_program(ctx):
   """A fresh dispatch + combine (bf16), compiled; returns (runner, check of its outputs)."""
-  ep, T, K, H = ctx.ep, 16, 2, 64
-  E = 2 * ep
-  rng = rng_for("timeout", ep)
-  idx, probs = routing(rng, ep, T, K, E)
-  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+  E, idx, probs, x, _ = _small_tokens(ctx, 16, "timeout")
 
   def fn(x, idx, probs):
     recv_x, _, _, _, handle = jmd.fused_dispatch(x, idx, probs, E, "ep", implementation="native")
@@ -700,13 +706,9 @@ def _by_rank(first, others):
 
 def case_mismatch_ops(ctx):
   """One program in which rank 0 runs a dispatch while the others run a combine."""
-  ep, T, K, H = ctx.ep, 16, 2, 64
-  E = 2 * ep
-  rng = rng_for("mismatch_ops", ep)
-  idx, probs = routing(rng, ep, T, K, E)
-  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+  E, idx, probs, x, rng = _small_tokens(ctx, 16, "mismatch_ops")
   lay = oracle.fused_dispatch(x, idx, probs, E)["layout"]
-  rows = rand(rng, (ep, lay.max_recv, H), np.float32).astype(BF16)
+  rows = rand(rng, (ctx.ep, lay.max_recv, x.shape[-1]), np.float32).astype(BF16)
   backend = native.NativeBackend(default_num_sms("deepep"))
 
   def fn(x, idx, probs, rows, send_pos, dest_offset, recv_count, recv_token):
@@ -728,11 +730,7 @@ def case_mismatch_ops(ctx):
 
 def case_mismatch_shape(ctx):
   """One program in which every rank runs dispatch + combine, rank 0 on 16 tokens, the others 24."""
-  ep, K, H, T = ctx.ep, 2, 64, 24
-  E = 2 * ep
-  rng = rng_for("mismatch_shape", ep, T)
-  idx, probs = routing(rng, ep, T, K, E)
-  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+  E, idx, probs, x, _ = _small_tokens(ctx, 24, "mismatch_shape")
 
   def fn(x, idx, probs):
     def both(n):
