@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 
 from jax_moe_dispatch import grouped_matmul
 from jax_moe_dispatch.gemm import api as gemm_api
+from jax_moe_dispatch.gemm import mosaic
 
 # name -> (rows N, group sizes); rows past the sum are padding (filled with NaN/Inf garbage).
 LAYOUTS = {
@@ -106,6 +107,35 @@ def test_interpreted_warp_specialised_kernels_match_oracle(layout):
   assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
 
 
+def _ws_products(x, w, dy, sizes, implementation_kwargs):
+  """The two-consumer gmm's forward and dgrad, called directly (any output width)."""
+  cfg = mosaic.TileConfig(consumers=2)
+  gs = jnp.asarray(sizes, jnp.int32)
+  y = jax.jit(lambda x, w: mosaic.gmm(x, w, gs, out_dtype=jnp.float32, cfg=cfg,
+                                      **implementation_kwargs))(x, w)
+  dx = jax.jit(lambda dy, w: mosaic.gmm(dy, w, gs, transpose_rhs=True, out_dtype=jnp.float32,
+                                        cfg=cfg, **implementation_kwargs))(dy, w)
+  return y, dx
+
+
+def _check_ws_products(num_rows, sizes, k, m, dtype, implementation_kwargs, rtol):
+  x, w, dy = _data(num_rows, sizes, k, m, dtype, seed=k + m)
+  dy = jnp.nan_to_num(dy)
+  y, dx = _ws_products(x, w, dy, sizes, implementation_kwargs)
+  want_y, want_dx, _ = _oracle(x, w, dy, sizes)
+  _assert_matches(y, want_y, f"y (output width {m})", rtol=rtol)
+  _assert_matches(dx, want_dx, f"dx (output width {k})", rtol=rtol)
+  total = sum(sizes)
+  assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
+
+
+def test_interpreted_warp_specialised_half_band_matches_oracle():
+  """Output widths that are an odd multiple of 128 end in a half column band."""
+  num_rows, sizes = LAYOUTS["zeros_and_skew"]
+  _check_ws_products(num_rows, sizes, 384, 128, jnp.bfloat16,
+                     dict(num_sms=4, interpret=gemm_api._interpret_params()), rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows"])
 def test_xla_fallback_matches_oracle_and_check_grads(layout):
   num_rows, sizes = LAYOUTS[layout]
@@ -185,6 +215,18 @@ def test_gpu_kernels_match_oracle(layout, dtype):
   tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
   for got, want, what in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes), "y dx dw".split()):
     _assert_matches(got, want, f"{layout}/{jnp.dtype(dtype).name}: {what}", rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["skewed", "zeros", "padding_4x"])
+def test_gpu_warp_specialised_half_band_matches_oracle(layout):
+  """The two-consumer kernel at output widths 384 and 640 (odd multiples of 128): the last
+  column band's w tile runs past the end of w, its second consumer stores nothing."""
+  _hopper_or_skip()
+  num_rows = 2048
+  sizes = {"skewed": [1200, 3, 500, 0, 345], "zeros": [0, 0, 2048, 0, 0],
+           "padding_4x": [100, 0, 130, 270, 12]}[layout]
+  _check_ws_products(num_rows, sizes, 640, 384, jnp.bfloat16, {}, rtol=2e-2)
 
 
 @pytest.mark.gpu

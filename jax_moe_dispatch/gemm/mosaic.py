@@ -103,9 +103,8 @@ def gmm_unsupported(x_shape, w_shape, dtype_x, dtype_w, transpose_rhs: bool,
     return f"K={k} is not a multiple of block_k={cfg.block_k}"
   if cfg.consumers not in (1, 2):
     return f"consumers={cfg.consumers} (1 or 2)"
-  if n % (cfg.block_n * cfg.consumers):
-    return (f"output columns {n} are not a multiple of {cfg.consumers} x "
-            f"block_n={cfg.block_n}")
+  if n % cfg.block_n:
+    return f"output columns {n} are not a multiple of block_n={cfg.block_n}"
   return None
 
 
@@ -442,16 +441,27 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   rows; the producer already loads the next item during that epilogue). Items
   of the rows past ``sum(group_sizes)`` store zeros without a product.
   """
-  if interpret is not None and transpose_rhs:  # The interpreter has no transposed wgmma.
-    w, transpose_rhs = jnp.swapaxes(w, 1, 2), False
-  num_rows, k = x.shape
-  m = w.shape[1] if transpose_rhs else w.shape[2]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
+  if interpret is not None:
+    # The interpreter has no transposed wgmma, and it clamps a slice that runs past
+    # the end of w where the TMA engine reads zeros: give it a w that needs neither.
+    if transpose_rhs:
+      w, transpose_rhs = jnp.swapaxes(w, 1, 2), False
+    m = w.shape[2]
+    if m % cta_n:
+      w = jnp.pad(w, ((0, 0), (0, 0), (0, cta_n - m % cta_n)))
+      return _gmm_ws(x, w, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
+                     interpret=interpret)[:, :m]
+  num_rows, k = x.shape
+  m = w.shape[1] if transpose_rhs else w.shape[2]
   epi_n = min(bn, 64)
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   num_groups = group_sizes.shape[0]
-  grid_n = m // cta_n
+  # An output width that is an odd multiple of block_n ends in a half band: its w tile
+  # runs past the last column (the TMA engine reads zeros there) and consumer 1 stores
+  # nothing.
+  grid_n = pl.cdiv(m, cta_n)
   groups, blocks, los, his = _pair_plan(group_sizes, num_rows, bm)
   num_items = groups.shape[0]
   itemsize = jnp.dtype(x.dtype).itemsize
@@ -499,6 +509,12 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         row0 = b * bm
 
         def store(tile) -> None:  # This consumer's [bm, bn] tile, rows [lo, hi) only.
+          if m % cta_n:  # Consumer 1 of the last, half band has no columns to store.
+            pl.when(ni * cta_n + wg * bn < m)(lambda: store_columns(tile))
+          else:
+            store_columns(tile)
+
+        def store_columns(tile) -> None:
           for j in range(bn // epi_n):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
             o_smem[wg] = tile[:, j * epi_n:(j + 1) * epi_n]
