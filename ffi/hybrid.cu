@@ -297,7 +297,9 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
 // ---------------------------------------------------------------------------
 // Combine: a warp per token. For each rank d it went to (ascending), the float32
 // sum over its permuted rows there (ascending local expert, read through d's
-// perm_row), added to the token's float32 total; one rounding at the end.
+// perm_row), added to the token's float32 total; one rounding at the end. The
+// token's rows are listed once; each chunk of columns then loads up to
+// kCombineBatch rows at a time, all loads in flight before the first add.
 
 template <typename T> struct Num;
 template <> struct Num<float> {
@@ -331,8 +333,64 @@ struct Pack16 {
   }
 };
 
-constexpr int kCombineUnroll = 2;  // 16-byte vectors per lane per column chunk.
-constexpr int kCombineBatch = 4;   // expert rows whose loads are in flight together.
+constexpr int kCombineUnroll = 1;  // 16-byte vectors per lane per column chunk.
+constexpr int kCombineBatch = 8;   // expert rows whose loads are in flight together.
+
+// Adds rows rows[0..n) (of `hidden` T's each, from `base`) to `part`, columns of the
+// chunk at col0, in order: every load of the batch is issued before the first add.
+template <typename T>
+__device__ __forceinline__ void AddRows(float* part, const T* base, const int (&rows)[kCombineBatch], int n,
+                                        int hidden, int col0, int lane, bool vectorized) {
+  constexpr int kN = Pack16<T>::kN;
+  if (vectorized) {
+    int4 v[kCombineBatch][kCombineUnroll];
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int col = col0 + (u * 32 + lane) * kN;
+        if (b < n && col < hidden) v[b][u] = __ldg(reinterpret_cast<const int4*>(src + col));
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int col = col0 + (u * 32 + lane) * kN;
+        if (b < n && col < hidden) Pack16<T>::Add(part + u * kN, v[b][u]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (b >= n) continue;
+      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int col = col0 + u * 32 + lane;
+        if (col < hidden) part[u] += Num<T>::ToF(src[col]);
+      }
+    }
+  }
+}
+
+// The token's rows at one rank, ascending local expert, read from its perm_row row
+// `perm`: calls add(row) for each (`hits` is the same in every lane, so `row` is).
+template <typename Add>
+__device__ __forceinline__ void ForEachRow(const int32_t* perm, int num_local, int lane, Add add) {
+  for (int e0 = 0; e0 < num_local; e0 += 32) {
+    const int row = e0 + lane < num_local ? __ldg(perm + e0 + lane) : -1;
+    unsigned hits = __ballot_sync(0xffffffffu, row >= 0);
+    while (hits != 0) {
+      add(__shfl_sync(0xffffffffu, row, __ffs(hits) - 1));
+      hits &= hits - 1;
+    }
+  }
+}
+
+constexpr int kNotSent = -2;  // listed count: the token did not go to that rank.
+constexpr int kTooMany = -1;  // listed count: more rows than a batch (read perm_row per chunk).
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
@@ -341,6 +399,9 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
   __shared__ const T* rows_of[kMaxRanks];
   __shared__ const int32_t* perm_of[kMaxRanks];
   __shared__ int offset[kMaxRanks];
+  // Per warp and rank, the current token's rows there (when they fit in a batch).
+  __shared__ int listed[kWarps][kMaxRanks][kCombineBatch];
+  __shared__ int listed_n[kWarps][kMaxRanks];
   const Layout& layout = g.regions[g.position]->layout;
   if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
   const int size = g.size, num_local = p.num_local, hidden = p.hidden;
@@ -351,79 +412,67 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
     offset[d] = p.dest_offset[d];
   }
   __syncthreads();
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int total_warps = gridDim.x * kWarps;
   const bool vectorized = (static_cast<int64_t>(hidden) * sizeof(T)) % 16 == 0;
   // Columns of one chunk: 16-byte vectors, or single elements (8 per lane).
   const int chunk = vectorized ? 32 * kCombineUnroll * kN : 32 * 8;
+  int(&list)[kMaxRanks][kCombineBatch] = listed[warp];
+  int(&list_n)[kMaxRanks] = listed_n[warp];
 
-  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < p.num_tokens; t += total_warps) {
+  for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += total_warps) {
     int recv_row = -1;
     if (lane < size) {
       const int pos = p.send_pos[static_cast<int64_t>(t) * size + lane];
       if (pos >= 0) recv_row = offset[lane] + pos;
     }
+    // The token's rows, once (each chunk below reads them from the list).
+    for (int d = 0; d < size; ++d) {
+      const int r = __shfl_sync(0xffffffffu, recv_row, d);
+      int n = kNotSent;
+      if (r >= 0) {
+        n = 0;
+        ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
+          if (lane == 0 && n < kCombineBatch) list[d][n] = row;
+          ++n;
+        });
+        if (n > kCombineBatch) n = kTooMany;
+      }
+      if (lane == 0) list_n[d] = n;
+    }
+    __syncwarp();
     T* out = reinterpret_cast<T*>(p.out) + static_cast<int64_t>(t) * hidden;
     for (int col0 = 0; col0 < hidden; col0 += chunk) {
       float acc[kCombineUnroll * kN];
 #pragma unroll
       for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] = 0.0f;
       for (int d = 0; d < size; ++d) {
-        const int r = __shfl_sync(0xffffffffu, recv_row, d);
-        if (r < 0) continue;
+        const int n = list_n[d];
+        if (n == kNotSent) continue;
         float part[kCombineUnroll * kN];
 #pragma unroll
         for (int i = 0; i < kCombineUnroll * kN; ++i) part[i] = 0.0f;
-        const int32_t* perm = perm_of[d] + static_cast<int64_t>(r) * num_local;
-        const T* base = rows_of[d];
-        for (int e0 = 0; e0 < num_local; e0 += 32) {
-          const int row = e0 + lane < num_local ? __ldg(perm + e0 + lane) : -1;
-          unsigned hits = __ballot_sync(0xffffffffu, row >= 0);
-          while (hits != 0) {
-            // Up to kCombineBatch rows, ascending expert (`hits` is the same in every
-            // lane); loads first, then adds in order.
-            const T* src[kCombineBatch];
-            int nb = 0;
+        int batch[kCombineBatch] = {};
+        if (n != kTooMany) {
+#pragma unroll
+          for (int b = 0; b < kCombineBatch; ++b) {
+            if (b < n) batch[b] = list[d][b];
+          }
+          AddRows<T>(part, rows_of[d], batch, n, hidden, col0, lane, vectorized);
+        } else {  // Batches straight from perm_row, for this chunk.
+          const int r = __shfl_sync(0xffffffffu, recv_row, d);
+          int nb = 0;
+          ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
 #pragma unroll
             for (int b = 0; b < kCombineBatch; ++b) {
-              src[b] = nullptr;
-              if (hits != 0) {
-                const int l = __ffs(hits) - 1;
-                hits &= hits - 1;
-                src[b] = base + static_cast<int64_t>(__shfl_sync(0xffffffffu, row, l)) * hidden;
-                ++nb;
-              }
+              if (b == nb) batch[b] = row;
             }
-            if (vectorized) {
-              int4 v[kCombineBatch][kCombineUnroll];
-#pragma unroll
-              for (int b = 0; b < kCombineBatch; ++b) {
-#pragma unroll
-                for (int u = 0; u < kCombineUnroll; ++u) {
-                  const int col = col0 + (u * 32 + lane) * kN;
-                  if (b < nb && col < hidden) v[b][u] = __ldg(reinterpret_cast<const int4*>(src[b] + col));
-                }
-              }
-#pragma unroll
-              for (int b = 0; b < kCombineBatch; ++b) {
-#pragma unroll
-                for (int u = 0; u < kCombineUnroll; ++u) {
-                  const int col = col0 + (u * 32 + lane) * kN;
-                  if (b < nb && col < hidden) Pack16<T>::Add(part + u * kN, v[b][u]);
-                }
-              }
-            } else {
-#pragma unroll
-              for (int b = 0; b < kCombineBatch; ++b) {
-                if (b >= nb) continue;
-#pragma unroll
-                for (int u = 0; u < 8; ++u) {
-                  const int col = col0 + u * 32 + lane;
-                  if (col < hidden) part[u] += Num<T>::ToF(src[b][col]);
-                }
-              }
+            if (++nb == kCombineBatch) {
+              AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
+              nb = 0;
             }
-          }
+          });
+          if (nb > 0) AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
         }
 #pragma unroll
         for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] += part[i];
@@ -442,6 +491,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
         }
       }
     }
+    __syncwarp();  // The list is read by every lane before the next token overwrites it.
   }
 }
 

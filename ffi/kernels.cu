@@ -176,9 +176,16 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) NotifyKernel(GroupView g, c
   __shared__ int counts[kMaxRanks];
   __shared__ int offset[kMaxRanks];
   __shared__ int aborted;
-  if (threadIdx.x == 0) aborted = 0;
+  // A GPU whose earlier call gave up (in this same program, so after its handler had
+  // run) publishes nothing: its slots keep that call's content, so a peer still in
+  // it reads and names that call, not this later one.
+  if (threadIdx.x == 0) aborted = layout.fail_claimed != 0;
   if (threadIdx.x < kMaxRanks) counts[threadIdx.x] = 0;
   __syncthreads();
+  if (aborted) {
+    if (threadIdx.x == 0) layout.aborted = 1;
+    return;
+  }
 
   if (p.dest_mask != nullptr) {
     BuildLists(p, size, counts);

@@ -131,6 +131,16 @@ def _bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ends - sizes, ends
 
 
+def _group_of(ends: jax.Array, rows: jax.Array) -> jax.Array:
+  """How many of the sorted ``ends`` are <= each of ``rows`` (int32).
+
+  One fused compare-and-count: ``jnp.searchsorted``'s default binary search
+  is a while loop, which on a GPU costs a kernel launch and a device-to-host
+  copy of the loop predicate per step, more than these tiny kernels' work.
+  """
+  return jnp.searchsorted(ends, rows, side="right", method="compare_all").astype(jnp.int32)
+
+
 def _row_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   """Per row block: ``(first group, last group, lies inside one group)`` as int32.
 
@@ -143,8 +153,8 @@ def _row_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   lo = jnp.arange(num_blocks, dtype=jnp.int32) * block_m
   last_row = jnp.minimum(lo + block_m, total) - 1
   real = lo < total
-  g_lo = jnp.searchsorted(ends, lo, side="right").astype(jnp.int32)
-  g_hi = jnp.searchsorted(ends, last_row, side="right").astype(jnp.int32)
+  g_lo = _group_of(ends, lo)
+  g_hi = _group_of(ends, last_row)
   g_safe = jnp.clip(g_lo, 0, group_sizes.shape[0] - 1)
   whole = real & (g_lo == g_hi) & (starts[g_safe] <= lo) & (ends[g_safe] >= lo + block_m)
   g_lo = jnp.where(real, g_lo, 1)
@@ -401,7 +411,7 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   item_end = jnp.cumsum(count)
   num_items = num_blocks + num_groups
   p = jnp.arange(num_items, dtype=jnp.int32)
-  g = jnp.minimum(jnp.searchsorted(item_end, p, side="right"), num_groups).astype(jnp.int32)
+  g = jnp.minimum(_group_of(item_end, p), num_groups)
   block = first[g] + p - (item_end[g] - count[g])
   used = p < item_end[-1]
   row0 = block * block_m
@@ -455,8 +465,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                      interpret=interpret)[:, :m]
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
-  epi_n = min(bn, 64)
   out_dtype = jnp.dtype(out_dtype or x.dtype)
+  # Each consumer stores through a 128-byte-wide staging tile: 64 columns of a 16-bit
+  # output, 32 of a float32 one (so that steps=4 still fits in shared memory).
+  epi_n = min(bn, 128 // out_dtype.itemsize)
   num_groups = group_sizes.shape[0]
   # An output width that is an odd multiple of block_n ends in a half band: its w tile
   # runs past the last column (the TMA engine reads zeros there) and consumer 1 stores
