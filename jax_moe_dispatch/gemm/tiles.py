@@ -3,11 +3,13 @@
 One default per product (``"fwd"``: ``x @ w``, ``"dgrad"``: ``dy @ w.T``,
 ``"wgrad"``: ``x.T @ dy``); a shape-specific row wins when the problem's
 ``(K, M)`` match. The defaults use two consumer warpgroups
-(``consumers=2``) wherever the output width is a multiple of ``2 x block_n``,
-else one. The rows come from sweeps of band width (``grid_block_n``), pipeline
-depth and consumers on an H200; add a row for a shape that the default serves
-badly. Every config must keep ``block_m`` and ``block_k``
-divisors of 128 (inputs are padded to a multiple of 128 rows).
+(``consumers=2``, ``2 x block_n`` columns per tile) wherever the output width
+is a multiple of ``2 x block_n`` or wide enough that a last half-width band
+wastes little (at least 1024 columns, e.g. 1408), else one. The rows come
+from sweeps of band width (``grid_block_n``), pipeline depth and consumers on
+an H200; add a row for a shape that the default serves badly. Every config
+must keep ``block_m`` and ``block_k`` divisors of 128 (inputs are padded to a
+multiple of 128 rows).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from jax_moe_dispatch.gemm.mosaic import TileConfig
 __all__ = ["DEFAULT", "tile_config"]
 
 # Two consumer warpgroups (TileConfig.consumers) where the output width is a
-# multiple of 2 x block_n; one otherwise.
+# multiple of 2 x block_n or at least _HALF_BAND_MIN_COLS; one otherwise.
 DEFAULT = {
     "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4, consumers=2),
     "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4,
                         consumers=2),
     "wgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4),
 }
+# From this output width on, a width that is an odd multiple of block_n still takes two
+# consumers: the last band's idle half is at most 1/9 of the columns (1408 = 5.5 bands
+# of 256 ran 1.20x faster than one consumer on the H200).
+_HALF_BAND_MIN_COLS = 1024
 _ONE_CONSUMER = {
     "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=16),
     "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=6, grid_block_n=4),
@@ -32,7 +38,7 @@ _ONE_CONSUMER = {
 # (product, K, M) of x [N, K] @ w [G, K, M] -> TileConfig. From the H200 sweeps of
 # 2026-11-23 (skewed groups; BENCHMARKS.md).
 _BY_SHAPE: dict[tuple[str, int, int], TileConfig] = {
-    ("fwd", 4096, 1408): TileConfig(steps=5, grid_block_n=16),
+    ("fwd", 4096, 1408): TileConfig(steps=4, grid_block_n=6, consumers=2),
     ("dgrad", 4096, 1408): TileConfig(steps=4, grid_block_n=8, consumers=2),
     ("wgrad", 4096, 1408): TileConfig(steps=6),
 }
@@ -45,6 +51,7 @@ def tile_config(product: str, k: int, m: int, dtype) -> TileConfig:
     return _BY_SHAPE[(product, k, m)]
   cfg = DEFAULT[product]
   out_cols = k if product == "dgrad" else m
-  if cfg.consumers > 1 and out_cols % (cfg.block_n * cfg.consumers):
+  if (cfg.consumers > 1 and out_cols % (cfg.block_n * cfg.consumers)
+      and out_cols < _HALF_BAND_MIN_COLS):
     return _ONE_CONSUMER[product]
   return cfg
