@@ -24,7 +24,7 @@ DEFAULT = {
     "fwd": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4, consumers=2),
     "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4, grid_block_n=4,
                         consumers=2),
-    "wgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=4),
+    "wgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=6),
 }
 # From this output width on, a width that is an odd multiple of block_n still takes two
 # consumers: the last band's idle half is at most 1/9 of the columns (1408 = 5.5 bands
@@ -40,7 +40,6 @@ _ONE_CONSUMER = {
 _BY_SHAPE: dict[tuple[str, int, int], TileConfig] = {
     ("fwd", 4096, 1408): TileConfig(steps=4, grid_block_n=6, consumers=2),
     ("dgrad", 4096, 1408): TileConfig(steps=4, grid_block_n=8, consumers=2),
-    ("wgrad", 4096, 1408): TileConfig(steps=6),
 }
 
 
