@@ -7,7 +7,7 @@
 #   tests  python3 -m pytest -m gpu -q --timeout 300 tests                  -> $OUT/tests.log
 #          (on one GPU too: grouped-GEMM kernels, native ep=1, and the multi-rank cases with
 #          N processes sharing one GPU as N ranks)
-#   sanitize  bash scripts/sanitize.sh (only with SANITIZE=1; ~4 min)       -> $OUT/sanitize.log
+#   sanitize  bash scripts/sanitize.sh (only with SANITIZE=1; ~8 min)       -> $OUT/sanitize.log
 #          (compute-sanitizer memcheck/racecheck/synccheck over the native kernels at ep 1, 2, 4)
 #   bench  python3 -m jax_moe_dispatch.bench, one suite after another       -> $OUT/bench_<suite>.{log,csv}
 #          (BENCH_SUITES, default "gemm moe dispatch": grouped GEMMs, the MoE layer, dispatch/combine
@@ -155,7 +155,7 @@ stage_tests() {
 
 stage_sanitize() {
   local left=$(( $(remaining) - ${BENCH_RESERVE_S:-200} ))
-  (( left > 240 )) && left=240
+  (( left > 480 )) && left=480
   (( left < 60 )) && { echo "only ${left}s left for the sanitizer"; return 4; }
   # Its per-run logs stay on the machine (at most 8 files come back); the log has the table
   # and the sanitizer's report lines of every run that found something.

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the native backend's kernels, on the GPU machine (about 4 minutes):
+# compute-sanitizer over the native backend's kernels, on the GPU machine (about 8 minutes):
 #
 #   tools  memcheck, racecheck, synccheck                     (SANITIZE_TOOLS)
-#   cases  ep1  the gpu-marked ep=1 native test of direct FFI calls (dispatch, combine,
-#               refused calls) in one process
+#   cases  ep1  gpu-marked ep=1 native tests in one process (SANITIZE_EP1_TESTS, picked by
+#               SANITIZE_EP1_K): bitwise dispatch/combine (bf16 and FP8, with drops), the
+#               gradients, the fused HybridEP ops (pad None/16/128, drops) and their
+#               summation order, and handler calls with bad attributes (refused)
 #          ep2  tests/multirank/worker.py as 2 processes (2 ranks) under launch_ranks.py,
 #               each rank run under the sanitizer
 #          ep4  the same with 4 ranks                          (SANITIZE_CASES)
 #
 # The worker runs small cases (SANITIZE_WORKER_CASES, default: a bf16 dispatch + combine,
-# one with dropped rows, and ranks running different ops, which also exercises the abort,
-# reset and recovery path). Only the library's kernels are checked (SANITIZE_FILTER,
+# one with dropped rows, the fused HybridEP ops, and ranks running different ops, which also
+# exercises the abort, reset and recovery path). Only the library's kernels are checked (SANITIZE_FILTER,
 # default "--kernel-name kns=jmd": kernels whose name contains "jmd"; set it empty to check
 # XLA's kernels too, much slower). XLA allocates with the platform allocator here
 # (XLA_PYTHON_CLIENT_ALLOCATOR=platform), one cudaMalloc per buffer, so that memcheck sees
@@ -23,9 +25,10 @@
 # Usage (repository root, package installed):  bash scripts/sanitize.sh
 # Environment:
 #   SANITIZE_TOOLS="memcheck racecheck synccheck"   SANITIZE_CASES="ep1 ep2 ep4"
-#   SANITIZE_WORKER_CASES=dispatch_combine_bf16,drop,mismatch_ops
-#   SANITIZE_FILTER="--kernel-name kns=jmd"         SANITIZE_BUDGET_S=240 (all runs)
-#   SANITIZE_RUN_S=90 (one run at most)             COMPUTE_SANITIZER=path  PYTHON=python3
+#   SANITIZE_WORKER_CASES=dispatch_combine_bf16,drop,hybrid_fused,mismatch_ops
+#   SANITIZE_EP1_TESTS="tests/test_native.py tests/test_native_hybrid.py"  SANITIZE_EP1_K=...
+#   SANITIZE_FILTER="--kernel-name kns=jmd"         SANITIZE_BUDGET_S=480 (all runs)
+#   SANITIZE_RUN_S=150 (one run at most)            COMPUTE_SANITIZER=path  PYTHON=python3
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -37,10 +40,12 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python3}
 read -r -a TOOLS <<< "${SANITIZE_TOOLS:-memcheck racecheck synccheck}"
 read -r -a CASES <<< "${SANITIZE_CASES:-ep1 ep2 ep4}"
-WORKER_CASES=${SANITIZE_WORKER_CASES:-dispatch_combine_bf16,drop,mismatch_ops}
+WORKER_CASES=${SANITIZE_WORKER_CASES:-dispatch_combine_bf16,drop,hybrid_fused,mismatch_ops}
+read -r -a EP1_TESTS <<< "${SANITIZE_EP1_TESTS:-tests/test_native.py tests/test_native_hybrid.py}"
+EP1_K=${SANITIZE_EP1_K:-"refuse_bad_attributes or (ep1 and (random-9-bfloat16 or random-9-fp8 or gradients_equal or summation_order or (hybrid_bitwise and bfloat16 and random-N)))"}
 read -r -a FILTER <<< "${SANITIZE_FILTER-"--kernel-name kns=jmd"}"
-BUDGET=${SANITIZE_BUDGET_S:-240}
-RUN_S=${SANITIZE_RUN_S:-90}
+BUDGET=${SANITIZE_BUDGET_S:-480}
+RUN_S=${SANITIZE_RUN_S:-150}
 START=$SECONDS
 
 SAN=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
@@ -80,7 +85,7 @@ run_one() {  # tool case -> prints the table cell
   case $kase in
     ep1)
       ( cd "$RUN_DIR" && timeout -k 10 "$left" "${san[@]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-          --rootdir "$REPO" "$REPO/tests/test_native.py" -k "refuse_bad_attributes" ) > "$dir/rank0.log" 2>&1
+          --rootdir "$REPO" "${EP1_TESTS[@]/#/$REPO/}" -k "$EP1_K" ) > "$dir/rank0.log" 2>&1
       rc=$?
       # A skipped test checked nothing.
       [[ $rc == 0 ]] && ! grep -qE '[0-9]+ passed' "$dir/rank0.log" && rc=5 ;;
