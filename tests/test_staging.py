@@ -164,7 +164,8 @@ def test_reserve_grows_only_when_needed_and_warns_once(spanning, caplog):
   assert ("free_all", True) in fake.calls  # The old staging was released first.
   assert buffer._buffer.staging_bytes == 10_000 and buffer._buffer.spans_processes == (True,)
   # get_buffer of a smaller size keeps it; nothing shrinks while set up.
-  assert buffer._set_up([jax.devices()[:EP]], (True,), "ep", 256, 8, 60.0, 500).staging_bytes == 10_000
+  kept = buffer._set_up([jax.devices()[:EP]], (True,), "ep", 256, 8, 60.0, 500)
+  assert kept.staging_bytes == 10_000
   assert len(joins) == 1 and fake.calls[-1][0] == "set_timeout" and fake.calls[-1][-1] == 60.0
 
 

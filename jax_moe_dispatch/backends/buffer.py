@@ -150,8 +150,9 @@ def get_buffer(
 
   Idempotent: the same groups again keep their state (only the timeout
   changes) unless they need more staging than they have; staging never shrinks
-  while set up (:func:`free_buffer` releases it). Call it before tracing (``implementation="auto"`` picks the native
-  backend only once buffers exist). When a group spans processes, every
+  while set up (:func:`free_buffer` releases it). Call it before tracing
+  (``implementation="auto"`` picks the native backend only once buffers
+  exist). When a group spans processes, every
   process of it must call this with the same arguments: the ranks exchange
   their buffers' CUDA IPC handles through ``jax.distributed``.
 

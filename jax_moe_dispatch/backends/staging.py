@@ -113,7 +113,7 @@ def hybrid_round_trip(num_tokens: int, num_ranks: int, num_local: int, max_recv:
 
 
 def max_permuted_rows(max_recv: int, num_local: int, topk: int, pad_multiple: int) -> int:
-  """:func:`jax_moe_dispatch.core.permute.max_permuted_rows` (``backends/`` imports no ``core/``)."""
+  """:func:`jax_moe_dispatch.core.permute.max_permuted_rows`, which ``backends/`` cannot import."""
   return max_recv * min(topk, num_local) + num_local * (pad_multiple - 1)
 
 
