@@ -24,6 +24,21 @@ using S32Matrix = ffi::Buffer<ffi::S32, 2>;
 
 namespace jmd {
 
+namespace {
+
+// Staging offsets are multiples of this (any vector width).
+constexpr size_t kStagingAlign = 256;
+
+size_t Aligned(size_t bytes) { return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
+
+}  // namespace
+
+size_t StagedBytes(const size_t* sizes, size_t n) {
+  size_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += Aligned(sizes[i]);
+  return total;
+}
+
 // Shared with the other handler files (handlers_internal.h).
 
 ffi::Error Invalid(const std::string& msg) {
@@ -140,11 +155,6 @@ ffi::Error CheckTokensByRanks(const char* what, int64_t num_tokens, int64_t rank
   return ffi::Error::Success();
 }
 
-// Staging offsets are multiples of this (any vector width).
-constexpr size_t kStagingAlign = 256;
-
-size_t Aligned(size_t bytes) { return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
-
 // A group spanning processes: peers cannot read XLA's buffers (not IPC-exportable),
 // so a call copies its inputs into this rank's staging buffer, in order, and
 // publishes those copies. One process: no staging, inputs are published in place.
@@ -154,16 +164,18 @@ class Staging {
 
   bool active() const { return m_.staging != nullptr; }
 
-  // Fails (naming the fix) unless `bytes` (the sum of Aligned sizes) fit.
+  // Fails (naming the fix) unless `bytes` (StagedBytes of what the call stages) fit.
   ffi::Error Reserve(size_t bytes, const char* op) const {
     if (!active() || bytes <= m_.staging_bytes) return ffi::Error::Success();
     return ffi::Error(
         ffi::ErrorCode::kResourceExhausted,
         std::string("jax_moe_dispatch: this ") + op + " stages " + std::to_string(bytes) +
             " bytes per rank but the staging buffer set up by get_buffer holds " +
-            std::to_string(m_.staging_bytes) + ". Fix: call jax_moe_dispatch.get_buffer with a larger "
-            "hidden_bytes or max_num_tokens (it holds num_ranks * max_num_tokens rows of hidden_bytes "
-            "plus routing metadata; a combine stages all its rows, e.g. float32 gradients).");
+            std::to_string(m_.staging_bytes) + ": the program was traced while a larger buffer was set up "
+            "(tracing an op grows the buffer to what it stages). Fix: set the buffer up that large again "
+            "before running it (jax_moe_dispatch.get_buffer or init_hybrid_ep_buffer with a larger "
+            "max_num_tokens or hidden size), or call jax.clear_caches() so that the next call traces it "
+            "again.");
   }
 
   // The next `bytes` of staging (after Reserve).
@@ -213,8 +225,9 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, Staging& staging, i
   if (num_tokens * ranks > INT32_MAX || max_recv > INT32_MAX) return Invalid("too many tokens", num_tokens);
   const size_t list_bytes = static_cast<size_t>(num_tokens * ranks) * sizeof(int32_t);
   const void* inputs[kMaxStreams] = {};
-  size_t input_bytes[kMaxStreams] = {};
-  size_t staged = Aligned(list_bytes);
+  // What is staged: the send lists, then every input.
+  size_t staged[kMaxStreams + 1] = {list_bytes};
+  size_t* input_bytes = staged + 1;
   for (int64_t i = 0; i < num_streams; ++i) {
     auto in = args.get<ffi::AnyBuffer>(i);
     auto out = rets.get<ffi::AnyBuffer>(i);
@@ -239,9 +252,8 @@ ffi::Error SetUpDispatch(DispatchParams& p, NotifyParams& n, Staging& staging, i
     s.tok_stride = sliced ? bytes * ranks : bytes;
     inputs[i] = in->untyped_data();
     input_bytes[i] = in->size_bytes();
-    staged += Aligned(input_bytes[i]);
   }
-  if (auto err = staging.Reserve(staged, "dispatch"); err.failure()) return err;
+  if (auto err = staging.Reserve(StagedBytes(staged, num_streams + 1), "dispatch"); err.failure()) return err;
   for (int64_t i = 0; i < num_streams; ++i) {
     auto src = staging.Publish(inputs[i], input_bytes[i]);
     if (!src.has_value()) return src.error();
@@ -365,7 +377,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index
   auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();
   Staging staging(**m, stream);
-  if (auto err = staging.Reserve(Aligned(rows.size_bytes()), "combine"); err.failure()) return err;
+  const size_t rows_bytes = rows.size_bytes();
+  if (auto err = staging.Reserve(StagedBytes(&rows_bytes, 1), "combine"); err.failure()) return err;
   auto src = staging.Publish(rows.untyped_data(), rows.size_bytes());
   if (!src.has_value()) return src.error();
   NotifyParams n{};
@@ -441,8 +454,8 @@ namespace jmd {
 ffi::Error PublishInputs(const Member& m, cudaStream_t stream, const char* op, const Published* inputs, int n,
                          size_t scratch_bytes, uint64_t* addrs, char** scratch) {
   Staging staging(m, stream);
-  size_t staged = Aligned(scratch_bytes);
-  for (int i = 0; i < n; ++i) staged += Aligned(inputs[i].bytes);
+  size_t staged = StagedBytes(&scratch_bytes, 1);
+  for (int i = 0; i < n; ++i) staged += StagedBytes(&inputs[i].bytes, 1);
   if (auto err = staging.Reserve(staged, op); err.failure()) return err;
   for (int i = 0; i < n; ++i) {
     auto src = staging.Publish(inputs[i].data, inputs[i].bytes);

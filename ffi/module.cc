@@ -113,4 +113,8 @@ NB_MODULE(_jmd_ext, m) {
   }, nb::arg("device"), nb::arg("ptr"), nb::arg("owner_device"),
      "'' if GPU `device` can read in place the XLA buffer at `ptr` on GPU `owner_device`, else why.");
   m.def("region_bytes", &jmd::RegionBytes, "Device bytes of one GPU's signal region.");
+  m.def("staged_bytes", [](const std::vector<size_t>& sizes) { return jmd::StagedBytes(sizes.data(), sizes.size()); },
+        nb::arg("sizes"),
+        "Staging bytes a call needs to copy arrays of these byte sizes (each at an aligned offset), "
+        "as the handlers reserve them when a group spans processes.");
 }

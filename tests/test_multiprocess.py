@@ -16,8 +16,9 @@ result per case and rank. A test here passes when every rank passed the case.
   and gradients, hybrid, many calls with fresh routing, a straggler, ranks
   running different ops or shapes as one call (every rank ends it naming both
   signatures, then recovers after a reset), 100 buffer set-up/free cycles
-  (device memory where it started) and a dead peer (bounded errors naming
-  it); and, with 2 GPUs or more, the example's
+  (device memory where it started), a HybridEP round trip larger than
+  init_hybrid_ep_buffer's staging (grown once while tracing, freeing the old)
+  and a dead peer (bounded errors naming it); and, with 2 GPUs or more, the example's
   training step with one process per GPU (its gradient all-reduce through
   XLA next to the native ops). The many-calls case runs up to 1000 pairs but
   starts no chunk after 30 s (ranks sharing a GPU time-slice it) and needs

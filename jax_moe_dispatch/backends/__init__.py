@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import typing
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 
@@ -131,7 +131,8 @@ def _choose(implementation: str) -> str:
 
 
 def get_backend(implementation: Optional[str] = "auto", *,
-                num_sms: Optional[int] = None) -> Backend:
+                num_sms: Optional[int] = None,
+                reserve_staging: Optional[Callable[[int, str], None]] = None) -> Backend:
   """Return the backend that runs ``implementation``.
 
   Args:
@@ -142,6 +143,8 @@ def get_backend(implementation: Optional[str] = "auto", *,
       on the ``jax_moe_dispatch`` logger.
     num_sms: SMs the native kernels use; ``None``:
       :func:`default_num_sms` of ``"deepep"``.
+    reserve_staging: the native backend's staging hook (see
+      :class:`~jax_moe_dispatch.backends.native.NativeBackend`).
 
   Raises:
     ValueError: unknown implementation.
@@ -150,4 +153,4 @@ def get_backend(implementation: Optional[str] = "auto", *,
   if _choose(check_implementation(implementation)) == "reference":
     return ReferenceBackend()
   return native.NativeBackend(
-      check_num_sms(default_num_sms("deepep") if num_sms is None else num_sms))
+      check_num_sms(default_num_sms("deepep") if num_sms is None else num_sms), reserve_staging)

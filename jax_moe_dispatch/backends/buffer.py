@@ -15,8 +15,10 @@ group is run depends on who drives its GPUs:
 * One process per rank (:func:`jax.distributed.initialize`, one process per
   GPU, or several processes sharing one GPU as several ranks): XLA's buffers
   cannot be exported through CUDA IPC, so each rank also gets a staging buffer
-  sized from ``hidden_bytes`` and ``max_num_tokens``; a call copies its inputs
-  there first, and the peers map it with CUDA IPC. The handles are exchanged
+  sized from ``hidden_bytes`` and ``max_num_tokens`` (:func:`init_hybrid_ep_buffer`:
+  from the HybridEP sizes); a call copies its inputs there first, and the peers
+  map it with CUDA IPC. An op traced with sizes that need more staging grows it
+  first (:func:`reserve_staging`). The handles are exchanged
   through ``jax.distributed``'s key-value store (:mod:`jax_moe_dispatch.backends.distributed`).
   Such a group must lie within one node.
 
@@ -34,13 +36,13 @@ import logging
 import math
 import os
 import socket
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
 from jax_moe_dispatch.backends import (distributed, native, set_deepep_num_sms,
-                                       set_hybridep_num_sms)
+                                       set_hybridep_num_sms, staging)
 
 __all__ = [
     "Buffer",
@@ -51,6 +53,7 @@ __all__ = [
     "has_buffer",
     "init_hybrid_ep_buffer",
     "last_error",
+    "reserve_staging",
     "reset_hybrid_ep_buffer",
     "set_deepep_num_sms",
     "set_hybridep_num_sms",
@@ -146,8 +149,10 @@ def get_buffer(
   """Set up the native buffers of this process's expert-parallel groups of ``mesh``.
 
   Idempotent: the same groups again keep their state (only the timeout
-  changes). Call it before tracing (``implementation="auto"`` picks the native
-  backend only once buffers exist). When a group spans processes, every
+  changes) unless they need more staging than they have; staging never shrinks
+  while set up (:func:`free_buffer` releases it). Call it before tracing
+  (``implementation="auto"`` picks the native backend only once buffers
+  exist). When a group spans processes, every
   process of it must call this with the same arguments: the ranks exchange
   their buffers' CUDA IPC handles through ``jax.distributed``.
 
@@ -162,8 +167,9 @@ def get_buffer(
     axis_name: the expert-parallel axis of ``mesh``.
     max_num_tokens: tokens per rank. Required when a group spans processes:
       each rank's staging buffer holds ``ep * max_num_tokens`` rows of
-      ``hidden_bytes`` plus routing metadata; a call that needs more fails
-      with an error naming the fix. Otherwise only recorded.
+      ``hidden_bytes`` plus 256 bytes of routing metadata per row; an op
+      traced with sizes that need more grows it (:func:`reserve_staging`).
+      Otherwise only recorded.
     timeout_s: how long a rank waits for a peer before the call fails with an
       error instead of hanging (also bounds the set-up exchange between
       processes); default ``$JMD_TIMEOUT_S``, else 10 s, or 120 s when a group
@@ -178,8 +184,18 @@ def get_buffer(
       CUDA call failed; the message says which. Nothing is left set up.
     TimeoutError: a process of a group did not reach ``get_buffer``; named.
   """
-  global _buffer, _exchanges
   hidden_bytes = _positive_int("hidden_bytes", hidden_bytes)
+  return _get_buffer(
+      mesh, axis_name, hidden_bytes, max_num_tokens, timeout_s, "get_buffer(mesh, hidden_bytes, "
+      "max_num_tokens=...)",
+      lambda ranks: ranks * max_num_tokens * (hidden_bytes + _STAGING_METADATA_BYTES))
+
+
+def _get_buffer(mesh: MeshLike, axis_name: str, hidden_bytes: int, max_num_tokens: Optional[int],
+                timeout_s: Optional[float], fix: str,
+                staging_for: Callable[[int], int]) -> Buffer:
+  """:func:`get_buffer` with staging of ``staging_for(ranks)`` bytes (``fix``: the call to name)."""
+  global _buffer
   if max_num_tokens is not None:
     max_num_tokens = _positive_int("max_num_tokens", max_num_tokens)
   groups = _groups(mesh, axis_name)
@@ -218,15 +234,30 @@ def get_buffer(
     if max_num_tokens is None:
       raise ValueError(
           f"the '{axis_name}' axis spans processes, so get_buffer needs max_num_tokens (tokens per "
-          "rank): it sizes each rank's staging buffer. Fix: get_buffer(mesh, hidden_bytes, "
-          "max_num_tokens=...).")
-    ranks = max(len(g) for g, span in zip(mine, spans) if span)
-    staging_bytes = ranks * max_num_tokens * (hidden_bytes + _STAGING_METADATA_BYTES)
+          f"rank): it sizes each rank's staging buffer. Fix: {fix}.")
+    staging_bytes = staging_for(max(len(g) for g, span in zip(mine, spans) if span))
+  return _set_up(mine, spans, axis_name, hidden_bytes, max_num_tokens, timeout_s, staging_bytes)
+
+
+def _set_up(mine: Sequence[Sequence[jax.Device]], spans: tuple[bool, ...], axis_name: str,
+            hidden_bytes: int, max_num_tokens: Optional[int], timeout_s: float,
+            staging_bytes: int, *, check_reads: bool = True) -> Buffer:
+  """Make ``mine`` (with ``spans``) this process's groups, with ``staging_bytes`` of staging.
+
+  The current buffers are kept (only the timeout changes) if they are of the
+  same groups with at least that much staging; otherwise they are released and
+  set up again. ``check_reads``: check that one-process groups read each
+  other's XLA buffers in place (not while tracing: it puts an array).
+  """
+  global _buffer, _exchanges
+  ext = _ext()
+  me = jax.process_index()
   local = tuple(int(d.local_hardware_id) for g in mine for d in g if d.process_index == me)
   new = Buffer(tuple(tuple(int(d.id) for d in g) for g in mine), spans, local, axis_name,
                hidden_bytes, max_num_tokens, int(ext.region_bytes()), staging_bytes, timeout_s)
-  if _buffer is not None and (_buffer.groups, _buffer.spans_processes, _buffer.staging_bytes) == (
-      new.groups, new.spans_processes, new.staging_bytes):
+  if (_buffer is not None and (_buffer.groups, _buffer.spans_processes) == (new.groups, spans)
+      and _buffer.staging_bytes >= staging_bytes):
+    new = dataclasses.replace(new, staging_bytes=_buffer.staging_bytes)
     for ordinal in local:
       ext.set_timeout(ordinal, timeout_s)
   else:
@@ -237,12 +268,13 @@ def get_buffer(
       for group, span in zip(mine, spans):
         if not span:
           ext.create_group([int(d.local_hardware_id) for d in group], timeout_s)
-          _check_in_place_reads(ext, group)
+          if check_reads:
+            _check_in_place_reads(ext, group)
       if any(spans):
         _exchanges += 1
         for group, span in zip(mine, spans):
-          if span:
-            key = f"jax_moe_dispatch/{_exchanges}/group{groups.index(group)}"
+          if span:  # Groups are disjoint: their first device names them.
+            key = f"jax_moe_dispatch/{_exchanges}/group{group[0].id}"
             _join(ext, key, group, axis_name, timeout_s, staging_bytes)
     except BaseException:
       _release(ext, timeout_s)
@@ -252,6 +284,33 @@ def get_buffer(
               "bytes, %d staging bytes per rank).", new.groups, new.spans_processes,
               new.region_bytes, new.staging_bytes)
   return _buffer
+
+
+def reserve_staging(nbytes: int, what: str) -> None:
+  """Grow the staging buffers to ``nbytes`` per rank if they are smaller; called while tracing.
+
+  The native backend calls this while it traces an op whose group spans
+  processes, with the staging that op's round trip needs
+  (:mod:`jax_moe_dispatch.backends.staging`), so the buffer is large enough
+  before the program can run; nothing grows inside a running program. Every
+  process of a group traces the same program, so all of them grow together:
+  their buffers are released and set up again through the same exchange as
+  :func:`get_buffer` (which waits for this process's GPUs to be idle). Each
+  growth logs one warning naming the old and new sizes. Without groups
+  spanning processes (no staging) this does nothing.
+  """
+  if _buffer is None or not any(_buffer.spans_processes) or nbytes <= _buffer.staging_bytes:
+    return
+  old = _buffer
+  logger.warning(
+      "jax_moe_dispatch: a %s traced now needs %d staging bytes per rank: the staging buffer "
+      "grows from %d to %d bytes (released and set up again in every process of the group, "
+      "which waits for the GPUs). Calling init_hybrid_ep_buffer(...) (or get_buffer) with sizes "
+      "this large before tracing avoids the reallocation.",
+      what, nbytes, old.staging_bytes, nbytes)
+  devices = {d.id: d for d in jax.devices()}
+  _set_up([[devices[i] for i in g] for g in old.groups], old.spans_processes, old.axis_name,
+          old.hidden_bytes, old.max_num_tokens, old.timeout_s, nbytes, check_reads=False)
 
 
 def _check_in_place_reads(ext, group: Sequence[jax.Device]) -> None:
@@ -356,26 +415,97 @@ def init_hybrid_ep_buffer(
     fp8_dispatch: bool = False,
     *,
     axis_name: str = "ep",
+    topk: Optional[int] = None,
+    pad_multiple: int = 1,
+    timeout_s: Optional[float] = None,
 ) -> Buffer:
-  """The seed's HybridEP initialiser: :func:`get_buffer` plus the HybridEP SM budget.
+  """Set up the buffers the HybridEP ops need for tokens of this size (the seed's initialiser).
 
-  ``num_local_experts`` is accepted for parity (buffers do not depend on it);
-  dispatch and combine share one SM budget, the larger of the two given.
+  As :func:`get_buffer`, with staging sized for one :func:`~jax_moe_dispatch.hybrid_ep_dispatch`
+  + :func:`~jax_moe_dispatch.hybrid_ep_combine` of ``max_num_tokens`` tokens of
+  ``hidden_dim`` values per rank and their backward passes. With ``R`` ranks,
+  ``T = max_num_tokens``, ``L = num_local_experts``, ``H = hidden_dim``, ``M = R * T``
+  receive rows and ``N = M * min(topk, L) + L * (pad_multiple - 1)`` permuted rows
+  (the worst case of :func:`jax_moe_dispatch.core.permute.max_permuted_rows`),
+  each rank's staging is the largest of what these ops copy there, each array
+  rounded up to 256 bytes:
+
+  * the dispatch: ``R * T`` int32 send lists, ``T * H`` bf16 rows (with
+    ``fp8_dispatch``: ``T * H`` bytes and ``T * ceil(H / 128)`` float32 scales),
+    and the ``T * R * L`` routing map (bool) and probabilities (float32);
+  * the combine (and the dispatch's backward): ``N * H`` bf16 rows and the
+    ``M * L`` int32 permutation;
+  * the probabilities' gradient: ``M * L`` float32;
+  * the combine's backward: ``R * T`` int32 send lists and ``T * H`` bf16 rows.
+
+  Only groups spanning processes stage anything: when one process drives every
+  GPU of a group, the kernels read XLA's buffers in place and the signal regions
+  (:func:`get_buffer`) are all there is to allocate, whatever the sizes.
+
+  Growth: an op traced later with sizes that need more staging (more tokens,
+  wider or float32 rows, more permuted rows) grows the buffer while it is
+  traced, before its program runs, logging one warning per growth
+  (:func:`reserve_staging`); set it up large enough here to avoid that.
+
+  Args:
+    mesh: as for :func:`get_buffer` (the seed's process group).
+    hidden_dim: ``H``, values per token row.
+    max_num_tokens: ``T``, tokens per rank (the seed's ``seq_len``).
+    num_local_experts: ``L``, experts per rank; required when a group spans
+      processes.
+    num_sms_dispatch_api, num_sms_combine_api: the HybridEP ops' SM budget:
+      dispatch and combine share one, the larger of the two given, set as the
+      default of :func:`set_hybridep_num_sms` (picked up by
+      ``TokenDispatcherConfig.moe_hybridep_num_sms`` when a config is built and
+      by ops called without ``num_sms``).
+    fp8_dispatch: the dispatch moves FP8 rows with scales.
+    axis_name: the expert-parallel axis of ``mesh``.
+    topk: most experts one token goes to; default ``L`` (every received row
+      on every local expert).
+    pad_multiple: the ops' ``pad_multiple``.
+    timeout_s: as for :func:`get_buffer`.
+
+  Raises:
+    as :func:`get_buffer`, and ``ValueError`` for a group spanning processes
+    without ``num_local_experts``.
   """
-  del num_local_experts
+  hidden_dim = _positive_int("hidden_dim", hidden_dim)
+  max_num_tokens = _positive_int("max_num_tokens", max_num_tokens)
+  pad_multiple = _positive_int("pad_multiple", pad_multiple)
+  if num_local_experts is not None:
+    num_local_experts = _positive_int("num_local_experts", num_local_experts)
+  if topk is not None:
+    topk = _positive_int("topk", topk)
   sms = [n for n in (num_sms_dispatch_api, num_sms_combine_api) if n is not None]
   if sms:
     set_hybridep_num_sms(max(sms))
-  hidden_bytes = _positive_int("hidden_dim", hidden_dim) * (1 if fp8_dispatch else 2)
-  return get_buffer(mesh, hidden_bytes, axis_name=axis_name, max_num_tokens=max_num_tokens)
+
+  def staging_for(ranks: int) -> int:
+    if num_local_experts is None:
+      raise ValueError(
+          "the expert axis spans processes, so init_hybrid_ep_buffer needs num_local_experts: the "
+          "staging buffer holds the permuted rows of every local expert. Fix: "
+          "init_hybrid_ep_buffer(mesh, hidden_dim, max_num_tokens, num_local_experts, ...).")
+    return staging.hybrid_ep_buffer(
+        _ext().staged_bytes, hidden_dim=hidden_dim, max_num_tokens=max_num_tokens,
+        num_local=num_local_experts, num_ranks=ranks, fp8_dispatch=fp8_dispatch,
+        topk=num_local_experts if topk is None else topk, pad_multiple=pad_multiple)
+
+  return _get_buffer(mesh, axis_name, hidden_dim * (1 if fp8_dispatch else 2), max_num_tokens,
+                     timeout_s, "init_hybrid_ep_buffer(mesh, hidden_dim, max_num_tokens, ...)",
+                     staging_for)
 
 
 def reset_hybrid_ep_buffer() -> None:
-  """Zero every signal region and call counter (waits for the GPUs to be idle).
+  """Bring the native buffers back to their state after set-up (waits for the GPUs to be idle).
 
-  Use it after a failed call left ranks out of step; a fresh process needs
-  nothing. With groups spanning processes every process of them must call it:
-  no region is zeroed before every rank is idle, and it returns once all are.
+  Zeroes every signal region, call counter and recorded failure and forgets
+  the stream of the earlier calls; the memory stays allocated at its size (grown or not), so the
+  next op, :func:`get_buffer` or :func:`init_hybrid_ep_buffer` of at most that
+  size reuses it, and :func:`free_buffer` releases it. Use it after a failed
+  call left ranks out of step; a fresh process needs nothing. With groups
+  spanning processes every process of them must call it: no region is zeroed
+  before every rank is idle, and it returns once all are.
   """
   global _exchanges
   if not has_buffer():

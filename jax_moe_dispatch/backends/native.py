@@ -33,7 +33,10 @@ through CUDA IPC, so each call first copies its inputs (dispatch: payloads and
 routing slices; combine: the rows) into the rank's IPC-mapped staging buffer,
 and notify writes the send lists there too (the ``lists`` result is then left
 unwritten). One process keeps reading XLA's buffers in place, which saves
-that copy of every input.
+that copy of every input. Each op asks, while it is traced, for the staging
+its round trip needs (:mod:`jax_moe_dispatch.backends.staging`) through the
+``reserve_staging`` it was built with, which grows the buffer before the
+program can run.
 
 The targets are side-effecting custom calls: every rank runs them in the same
 order (one SPMD program) and they are kept out of CUDA graphs.
@@ -42,12 +45,14 @@ order (one SPMD program) and they are kept out of CUDA graphs.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import math
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_moe_dispatch.backends import staging
 from jax_moe_dispatch.backends.base import DispatchHandle
 
 _COMBINE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -126,13 +131,41 @@ def _varying(outs, axis_name: str):
   return jax.tree.map(one, outs)
 
 
+def _nbytes(a: jax.Array) -> int:
+  return math.prod(a.shape) * np.dtype(a.dtype).itemsize
+
+
+def _summed_row(arrays: Sequence[jax.Array], lead: int) -> int:
+  """Bytes of the widest row (after ``lead`` dims) a combine sums of the floating ``arrays``."""
+  return max((staging.summed_row_bytes(math.prod(a.shape[lead:]), np.dtype(a.dtype).itemsize)
+              for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)), default=0)
+
+
 class NativeBackend:
-  """CUDA kernels over peer access or CUDA IPC; needs :func:`jax_moe_dispatch.get_buffer`."""
+  """CUDA kernels over peer access or CUDA IPC; needs :func:`jax_moe_dispatch.get_buffer`.
+
+  Args:
+    num_sms: SMs (thread blocks) of the data kernels.
+    reserve_staging: called while an op is traced with the staging bytes its
+      round trip needs when a group spans processes (the largest
+      ``staged_bytes`` of :mod:`~jax_moe_dispatch.backends.staging`'s lists) and
+      the op's name; :func:`jax_moe_dispatch.backends.buffer.reserve_staging`
+      grows the buffer to that. ``None``: nothing is reserved (a call that does
+      not fit fails with an error naming the fix).
+  """
 
   name = "native"
 
-  def __init__(self, num_sms: int):
+  def __init__(self, num_sms: int,
+               reserve_staging: Optional[Callable[[int, str], None]] = None):
     self.num_blocks = np.int64(num_sms)
+    self._reserve_staging = reserve_staging
+
+  def _reserve(self, what: str, ops: Sequence[Sequence[int]]) -> None:
+    """Reserve the largest staging need of ``ops`` (byte sizes of what each stages)."""
+    if self._reserve_staging is not None:
+      ext = extension()
+      self._reserve_staging(max(int(ext.staged_bytes(list(op))) for op in ops), what)
 
   def dispatch(
       self,
@@ -145,6 +178,9 @@ class NativeBackend:
   ) -> tuple[list[jax.Array], list[jax.Array], DispatchHandle]:
     _register()
     num_tokens, num_ranks = dest_mask.shape
+    self._reserve("dispatch", staging.round_trip(
+        num_tokens, num_ranks, max_recv, [_nbytes(a) for a in (*payloads, *sliced)],
+        max(_summed_row(payloads, 1), _summed_row(sliced, 2))))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     out_types = (
         [i32(num_tokens, num_ranks), i32(num_ranks), i32(num_ranks), i32(max_recv),
@@ -170,6 +206,8 @@ class NativeBackend:
       axis_name: str,
   ) -> list[jax.Array]:
     _register()
+    self._reserve("cached dispatch", [staging.dispatch(*handle.send_pos.shape,
+                                                       [_nbytes(a) for a in payloads])])
     out_types = [jax.ShapeDtypeStruct(handle.send_pos.shape[::-1], jnp.int32)] + [
         jax.ShapeDtypeStruct((handle.max_recv,) + a.shape[1:], a.dtype) for a in payloads]
     outs = jax.ffi.ffi_call("jmd_dispatch_cached", out_types, has_side_effect=True)(
@@ -178,17 +216,21 @@ class NativeBackend:
     return _varying(list(outs[1:]), axis_name)
 
   def _summing_call(self, target: str, what: str, rows: jax.Array, handle: DispatchHandle,
-                    extra: tuple, axis_name: str) -> jax.Array:
+                    extra: tuple, axis_name: str, staged: Sequence[int]) -> jax.Array:
     """A combine-like FFI call: ``[rows, ...]`` -> ``[T, ...]`` float32 sums, in ``rows``' dtype.
 
     Its operands: the axis index, ``handle.send_pos``, ``handle.dest_offset``, ``extra``, then
-    the rows flattened to 2D.
+    the rows flattened to 2D. ``staged``: what the call stages (its backward, a cached
+    dispatch of ``[T]`` such rows, is reserved with it).
     """
     _register()
     if rows.dtype not in _COMBINE_DTYPES:
       raise TypeError(
           f"the native {what} sums float32, bfloat16 or float16 rows, got {rows.dtype}. "
           "Fix: cast the rows, or use implementation='reference'.")
+    num_tokens, num_ranks = handle.send_pos.shape
+    row = _nbytes(rows) // max(rows.shape[0], 1)
+    self._reserve(what, [staged, staging.dispatch(num_tokens, num_ranks, [num_tokens * row])])
     tail = rows.shape[1:]
     flat = rows.reshape(rows.shape[0], -1)
     out = jax.ffi.ffi_call(
@@ -205,7 +247,8 @@ class NativeBackend:
       *,
       axis_name: str,
   ) -> jax.Array:
-    return self._summing_call("jmd_combine", "combine", rows, handle, (), axis_name)
+    return self._summing_call("jmd_combine", "combine", rows, handle, (), axis_name,
+                              staging.combine(_nbytes(rows)))
 
   # HybridEP (jax_moe_dispatch.core.hybrid): dispatch straight into the
   # expert-major permuted rows and combine straight out of them. The permutation
@@ -231,6 +274,9 @@ class NativeBackend:
           f"the native HybridEP dispatch moves float32, bfloat16 or float16 probabilities, got "
           f"{local_probs.dtype}. Fix: cast them, or use implementation='reference'.")
     num_tokens, num_ranks, num_local = local_map.shape
+    self._reserve("HybridEP dispatch", staging.hybrid_round_trip(
+        num_tokens, num_ranks, num_local, max_recv, num_rows, [_nbytes(a) for a in payloads],
+        _summed_row(payloads[:1], 1), np.dtype(local_probs.dtype).itemsize))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     out_types = (
         [i32(num_tokens, num_ranks), i32(num_ranks), i32(num_ranks), i32(max_recv),
@@ -258,6 +304,8 @@ class NativeBackend:
   ) -> list[jax.Array]:
     """``jmd_hybrid_dispatch_cached``: ``[T, ...]`` rows -> ``[N, ...]`` along a permutation."""
     _register()
+    self._reserve("HybridEP cached dispatch", [staging.dispatch(
+        *handle.send_pos.shape, [_nbytes(a) for a in payloads])])
     num_rows = src_row.shape[0]
     out_types = [jax.ShapeDtypeStruct(handle.send_pos.shape[::-1], jnp.int32)] + [
         jax.ShapeDtypeStruct((num_rows,) + a.shape[1:], a.dtype) for a in payloads]
@@ -276,4 +324,4 @@ class NativeBackend:
   ) -> jax.Array:
     """``jmd_hybrid_combine``: ``[N, ...]`` permuted rows -> ``[T, ...]``, one float32 sum per token."""
     return self._summing_call("jmd_hybrid_combine", "HybridEP combine", rows, handle, (perm_row,),
-                              axis_name)
+                              axis_name, staging.hybrid_combine(_nbytes(rows), *perm_row.shape))

@@ -60,8 +60,13 @@ class Transport:
     backends.check_num_sms(self.num_sms)
 
   def backend(self) -> Backend:
-    """The backend that runs this transport (called at trace time)."""
-    backend = backends.get_backend(self.implementation, num_sms=self.num_sms)
+    """The backend that runs this transport (called at trace time).
+
+    The native backend grows the staging buffers of groups spanning processes
+    while an op is traced, if its sizes need more (:func:`buffer.reserve_staging`).
+    """
+    backend = backends.get_backend(self.implementation, num_sms=self.num_sms,
+                                   reserve_staging=buffer.reserve_staging)
     if backend.name == "native" and not buffer.has_buffer():
       raise RuntimeError(
           "the native backend runs this op but no native buffers are set up. Fix: call "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -54,6 +55,7 @@ CASES = {
     "leak_cycles": ("native",),
     "example": ("native", "reference"),  # Runs XLA collectives: one GPU per process.
     "hybrid_fused": ("native", "reference"),
+    "hybrid_grow": ("native",),
     "dead_peer": ("native",),  # Last: one rank exits.
 }
 
@@ -761,8 +763,8 @@ def case_leak_cycles(ctx):
   hidden_bytes = 64 * 1024
 
   def cycle(i):
-    if i % 2:
-      buffer.init_hybrid_ep_buffer(ctx.mesh, hidden_bytes // 2, ctx.max_tokens)
+    if i % 2:  # Two local experts: more staging than the get_buffer below asks for.
+      buffer.init_hybrid_ep_buffer(ctx.mesh, hidden_bytes // 2, ctx.max_tokens, 2)
       buffer.get_buffer(ctx.mesh, hidden_bytes, max_num_tokens=ctx.max_tokens,
                         timeout_s=ctx.args.timeout)  # Same buffer: only the timeout changes.
     else:
@@ -800,6 +802,118 @@ def case_leak_cycles(ctx):
   ctx.get_buffer(ctx.args.timeout)
   return {**c.done(), "cycles": ctx.args.leak_cycles, "free_delta": int(free1) - int(free0),
           "s_per_cycle": round(seconds / max(1, ctx.args.leak_cycles), 3)}
+
+
+class _Warnings(logging.Handler):
+  """The library's warnings while in a ``with`` block (messages in :attr:`messages`)."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+  def __enter__(self):
+    logging.getLogger("jax_moe_dispatch").addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("jax_moe_dispatch").removeHandler(self)
+
+
+def case_hybrid_grow(ctx):
+  """init_hybrid_ep_buffer for T/2 tokens, then a hybrid round trip of T: the staging grows once.
+
+  The growth happens while the program is traced (one warning, naming the old
+  and new sizes); the outputs equal the oracle's (the reference backend's
+  bits), the gradients its float64 values; a second program of the same sizes
+  grows nothing and gives the same bits. Then growth is repeated through
+  ``reserve_staging`` itself: cudaMemGetInfo (the GPU's, every rank at the same
+  point) drops by the growth alone, so each growth freed the staging it
+  replaced.
+  """
+  ep, T, K, L, H, pad = ctx.ep, 48, 3, 4, 256, 16
+  E, impl, r, c = ep * L, ctx.impl, ctx.rank, Checks()
+  rng = rng_for("hybrid_grow", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  rmap, dprobs = oracle.topk_to_map(idx, probs, E)
+  x = rand(rng, (ep, T, H), np.float32).astype(BF16)
+  g_y = rand(rng, (ep, T, H), np.float32)
+  buffer.free_buffer()
+  small = buffer.init_hybrid_ep_buffer(ctx.mesh, H, T // 2, L, topk=K, pad_multiple=pad,
+                                       timeout_s=ctx.args.timeout).staging_bytes
+
+  def fn(x, rmap, dprobs, g_y):
+    def loss(x, dprobs):
+      px, pprobs, _, tpe, handle = jmd.hybrid_ep_dispatch(
+          x, rmap, dprobs, L, "ep", topk=K, pad_multiple=pad, implementation=impl)
+      y = jmd.hybrid_ep_combine(px * pprobs[:, None].astype(px.dtype), handle, "ep",
+                                implementation=impl)
+      return (y.astype(jnp.float32) * g_y).sum(), (px, pprobs, tpe, y)
+
+    (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, dprobs)
+    return aux, grads
+
+  with _Warnings() as grew:
+    run = ctx.program(fn, x, rmap, dprobs, g_y)
+  grown = buffer._buffer.staging_bytes
+  with _Warnings() as again:
+    run_again = ctx.program(fn, x, rmap, dprobs, g_y)
+  c.true(f"one warning while tracing, naming {small} -> {grown} bytes: {grew.messages}",
+         len(grew.messages) == 1 and f"from {small} to {grown} bytes" in grew.messages[0]
+         and grown > small)
+  c.true(f"no warning tracing the same sizes again: {again.messages}", not again.messages)
+  ctx.meet("ready")
+  (px, pprobs, tpe, y), (gx, gp) = run()
+  second = run_again()
+
+  want = oracle.hybrid_dispatch(x, rmap, dprobs, L, pad_multiple=pad, topk=K)
+  c.bitwise("permuted_x", px, want["permuted_x"][r])
+  c.bitwise("permuted_probs", pprobs, want["permuted_probs"][r])
+  c.equal("tokens_per_expert", tpe, want["tokens_per_expert"][r])
+  weighted = want["permuted_x"] * want["permuted_probs"][..., None].astype(BF16)
+  c.bitwise("combine", y, exact_hybrid_combine(want, weighted, BF16)[r])
+  g_perm = oracle.hybrid_combine_vjp(want, g_y.astype(BF16)).astype(np.float64)
+  px64 = want["permuted_x"].astype(np.float64)
+  want_gx, want_gp = oracle.hybrid_dispatch_vjp(
+      want, g_perm * want["permuted_probs"][..., None], (g_perm * px64).sum(-1))
+  c.close("grad x", gx, want_gx[r], rtol=2e-2, atol=2e-2)
+  # A dot over H in bf16: within 2% of the sum of its terms' magnitudes (as in hybrid_fused).
+  _, bound = oracle.hybrid_dispatch_vjp(want, np.zeros_like(g_perm),
+                                        np.abs(g_perm * px64).sum(-1))
+  err = np.abs(np.asarray(gp, np.float64) - want_gp[r])
+  excess = err - 2e-2 * bound[r] - 1e-6
+  c.true(f"grad probs within 2% of its terms (max excess {excess.max():.3g})",
+         bool((excess <= 0).all()))
+  for name, a, b in zip(("permuted_x", "permuted_probs", "tokens_per_expert", "combine",
+                         "grad x", "grad probs"),
+                        (px, pprobs, tpe, y, gx, gp), jax.tree.leaves(second)):
+    c.bitwise(f"second program: {name}", b, a)
+
+  # Growth frees what it replaces: four more growths of 16 MiB each.
+  ext, ordinal = native.extension(), int(ctx.device.local_hardware_id)
+  where = ctx.meet("gpu", f"{distributed.node_id()}/{ordinal}")
+  sharing = where.count(where[r])  # Ranks on this GPU, all measured at the same points.
+
+  def free_bytes(tag):
+    ctx.meet(f"{tag}/before")
+    free = ext.mem_info(ordinal)[0]
+    ctx.meet(f"{tag}/measured")
+    return free
+
+  step, steps = 16 << 20, 4
+  free0 = free_bytes("grown")
+  for i in range(1, steps + 1):
+    buffer.reserve_staging(grown + i * step, "test growth")
+  free1 = free_bytes("regrown")
+  added, slack = sharing * steps * step, sharing * (4 << 20) + (8 << 20)
+  c.true(f"cudaMemGetInfo free bytes went from {free0} to {free1}: {free0 - free1} used by "
+         f"{steps} growths of {step} bytes on {sharing} ranks, not {added} +- {slack}",
+         abs((free0 - free1) - added) <= slack)
+  buffer.free_buffer()
+  ctx.get_buffer(ctx.args.timeout)
+  return {**c.done(), "staging": [small, grown], "used_by_growths": int(free0) - int(free1)}
 
 
 def case_dead_peer(ctx):
