@@ -49,7 +49,7 @@ ffi::Error SetUpStreams(PermuteParams& p, ffi::RemainingArgs args, ffi::Remainin
   const int64_t n = static_cast<int64_t>(args.size());
   if (n < 1 || n > kMaxPermuteStreams || static_cast<int64_t>(rets.size()) != n) {
     return Invalid("a permute moves one to " + std::to_string(kMaxPermuteStreams) +
-                   " row arrays, one output each; got", n);
+                   " row arrays, one output each; arrays", n);
   }
   for (int64_t k = 0; k < n; ++k) {
     auto in = args.get<ffi::AnyBuffer>(k);
