@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "hybrid.h"
+#include "rows.cuh"
 #include "vectors.h"
 
 namespace jmd {
@@ -56,38 +57,6 @@ __device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
   return s;
 }
 
-// Exclusive prefix sum over the block (blockDim.x == kThreads); `total` gets the
-// block's sum. Every thread must call it.
-__device__ int BlockExclusiveSum(int v, int* total) {
-  __shared__ int warp_sums[kWarps];
-  __shared__ int block_total;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += n;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int own = lane < kWarps ? warp_sums[lane] : 0;
-    int w = own;
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const int n = __shfl_up_sync(0xffffffffu, w, off);
-      if (lane >= off) w += n;
-    }
-    if (lane < kWarps) warp_sums[lane] = w - own;
-    if (lane == 31) block_total = w;
-  }
-  __syncthreads();
-  const int out = warp_sums[warp] + incl - v;
-  *total = block_total;
-  __syncthreads();  // warp_sums and block_total may be reused by the next call.
-  return out;
-}
-
 // ---------------------------------------------------------------------------
 // Fresh dispatch, step 1: for each local expert (a block each), the rank of every
 // routed receive row within the expert's group (receive order), written to
@@ -118,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
         }
       }
       int total;
-      int rank = carry + BlockExclusiveSum(__popc(hits), &total);
+      int rank = carry + BlockExclusiveSum<kThreads>(__popc(hits), &total);
       for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
         const bool hit = (hits >> k) & 1u;
         p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
@@ -140,49 +109,6 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
 // Step 2 (fresh and cached): a warp per receive row reads the row once from its
 // source and stores it into each of its permuted rows; then padding rows are zeroed.
 
-// Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
-template <int W>
-__device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, int n, int lane) {
-  using V = typename VecOf<W>::T;
-  constexpr int kUnroll = W == 16 ? 8 : 4;
-  const int nvec = bytes / W;
-  const V* src = reinterpret_cast<const V*>(in);
-  for (int base = 0; base < nvec; base += 32 * kUnroll) {
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * 32 + lane;
-      if (i < nvec) v[u] = __ldg(src + i);
-    }
-    for (int j = 0; j < n; ++j) {
-      V* out = reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * bytes);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = base + u * 32 + lane;
-        if (i < nvec) out[i] = v[u];
-      }
-    }
-  }
-}
-
-template <int W>
-__device__ void ZeroRow(char* dst, int bytes, int lane) {
-  using V = typename VecOf<W>::T;
-  V* out = reinterpret_cast<V*>(dst);
-  for (int i = lane; i < bytes / W; i += 32) out[i] = V{};
-}
-
-// Group e of the permuted buffer is [start[e], start[e + 1]) (start[L]: the total,
-// unclipped); its first count[e] rows are routed rows, the rest padding.
-__device__ int GroupOf(const int* start, int num_local, int row) {
-  int lo = 0, hi = num_local - 1;  // The last e with start[e] <= row.
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (start[mid] <= row) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 template <bool kFresh>
 __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, const __grid_constant__ HybridParams p) {
   __shared__ Sources src;
@@ -201,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
       const int c = e < num_local ? p.counts[e] : 0;
       const int padded = (c + p.pad_multiple - 1) / p.pad_multiple * p.pad_multiple;
       int total;
-      const int s = carry + BlockExclusiveSum(padded, &total);
+      const int s = carry + BlockExclusiveSum<kThreads>(padded, &total);
       if (e < num_local) {
         start[e] = s;
         count[e] = c;
@@ -301,80 +227,6 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
 // token's rows are listed once; each chunk of columns then loads up to
 // kCombineBatch rows at a time, all loads in flight before the first add.
 
-template <typename T> struct Num;
-template <> struct Num<float> {
-  __device__ static float ToF(float v) { return v; }
-  __device__ static float FromF(float v) { return v; }
-};
-template <> struct Num<__nv_bfloat16> {
-  __device__ static float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 FromF(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Num<__half> {
-  __device__ static float ToF(__half v) { return __half2float(v); }
-  __device__ static __half FromF(float v) { return __float2half_rn(v); }
-};
-
-// Elements per 16-byte vector, unpacked to / packed from float32.
-template <typename T>
-struct Pack16 {
-  static constexpr int kN = 16 / sizeof(T);
-  __device__ static void Add(float* acc, const int4& v) {
-    const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN; ++i) acc[i] += Num<T>::ToF(e[i]);
-  }
-  __device__ static int4 Pack(const float* acc) {
-    int4 v;
-    T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN; ++i) e[i] = Num<T>::FromF(acc[i]);
-    return v;
-  }
-};
-
-constexpr int kCombineUnroll = 1;  // 16-byte vectors per lane per column chunk.
-constexpr int kCombineBatch = 8;   // expert rows whose loads are in flight together.
-
-// Adds rows rows[0..n) (of `hidden` T's each, from `base`) to `part`, columns of the
-// chunk at col0, in order: every load of the batch is issued before the first add.
-template <typename T>
-__device__ __forceinline__ void AddRows(float* part, const T* base, const int (&rows)[kCombineBatch], int n,
-                                        int hidden, int col0, int lane, bool vectorized) {
-  constexpr int kN = Pack16<T>::kN;
-  if (vectorized) {
-    int4 v[kCombineBatch][kCombineUnroll];
-#pragma unroll
-    for (int b = 0; b < kCombineBatch; ++b) {
-      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
-        const int col = col0 + (u * 32 + lane) * kN;
-        if (b < n && col < hidden) v[b][u] = __ldg(reinterpret_cast<const int4*>(src + col));
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kCombineBatch; ++b) {
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
-        const int col = col0 + (u * 32 + lane) * kN;
-        if (b < n && col < hidden) Pack16<T>::Add(part + u * kN, v[b][u]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int b = 0; b < kCombineBatch; ++b) {
-      if (b >= n) continue;
-      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int col = col0 + u * 32 + lane;
-        if (col < hidden) part[u] += Num<T>::ToF(src[col]);
-      }
-    }
-  }
-}
-
 // The token's rows at one rank, ascending local expert, read from its perm_row row
 // `perm`: calls add(row) for each (`hits` is the same in every lane, so `row` is).
 template <typename Add>
@@ -415,8 +267,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int total_warps = gridDim.x * kWarps;
   const bool vectorized = (static_cast<int64_t>(hidden) * sizeof(T)) % 16 == 0;
-  // Columns of one chunk: 16-byte vectors, or single elements (8 per lane).
-  const int chunk = vectorized ? 32 * kCombineUnroll * kN : 32 * 8;
+  const int chunk = ChunkCols<T>(vectorized);
   int(&list)[kMaxRanks][kCombineBatch] = listed[warp];
   int(&list_n)[kMaxRanks] = listed_n[warp];
 
@@ -443,15 +294,15 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
     __syncwarp();
     T* out = reinterpret_cast<T*>(p.out) + static_cast<int64_t>(t) * hidden;
     for (int col0 = 0; col0 < hidden; col0 += chunk) {
-      float acc[kCombineUnroll * kN];
+      float acc[kChunkFloats<T>];
 #pragma unroll
-      for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < kChunkFloats<T>; ++i) acc[i] = 0.0f;
       for (int d = 0; d < size; ++d) {
         const int n = list_n[d];
         if (n == kNotSent) continue;
-        float part[kCombineUnroll * kN];
+        float part[kChunkFloats<T>];
 #pragma unroll
-        for (int i = 0; i < kCombineUnroll * kN; ++i) part[i] = 0.0f;
+        for (int i = 0; i < kChunkFloats<T>; ++i) part[i] = 0.0f;
         int batch[kCombineBatch] = {};
         if (n != kTooMany) {
 #pragma unroll
@@ -475,7 +326,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
           if (nb > 0) AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
         }
 #pragma unroll
-        for (int i = 0; i < kCombineUnroll * kN; ++i) acc[i] += part[i];
+        for (int i = 0; i < kChunkFloats<T>; ++i) acc[i] += part[i];
       }
       if (vectorized) {
 #pragma unroll
@@ -485,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
         }
       } else {
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
+        for (int u = 0; u < kScalarCols; ++u) {
           const int col = col0 + u * 32 + lane;
           if (col < hidden) out[col] = Num<T>::FromF(acc[u]);
         }

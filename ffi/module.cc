@@ -12,6 +12,7 @@
 #include "group.h"
 #include "handlers.h"
 #include "hybrid_handlers.h"
+#include "permute_handlers.h"
 #include "protocol.h"
 
 namespace nb = nanobind;
@@ -56,6 +57,8 @@ NB_MODULE(_jmd_ext, m) {
     d["jmd_hybrid_dispatch"] = Capsule(JmdHybridDispatch);
     d["jmd_hybrid_dispatch_cached"] = Capsule(JmdHybridDispatchCached);
     d["jmd_hybrid_combine"] = Capsule(JmdHybridCombine);
+    d["jmd_permute"] = Capsule(JmdPermute);
+    d["jmd_unpermute"] = Capsule(JmdUnpermute);
     return d;
   }, "FFI handler capsules by target name.");
   m.def("create_group", [](const std::vector<int>& devices, double timeout_s) {

@@ -28,8 +28,12 @@ class TokenDispatcherConfig:
 
   Attributes:
     moe_enable_deepep: use the fused (DeepEP-protocol) dispatch path.
-    moe_permute_fusion: accepted for parity with the seed; permutation is
-      always fused into the dispatcher's post-processing here.
+    moe_permute_fusion: on the ``deepep`` path, when the native backend runs,
+      ``dispatch_postprocess`` / ``combine_preprocess`` permute and unpermute
+      with native CUDA kernels (one call each) instead of XLA's gathers; the
+      same bits either way. No effect on the reference backend or on
+      ``hybridep`` (whose native dispatch is already fused with the
+      permutation). Which one runs is logged once.
     moe_expert_capacity_factor: if set, each expert keeps at most
       ``ceil(T * topk / num_experts * factor)`` of a rank's token assignments,
       the earliest tokens first (the "position" drop policy); the rest are

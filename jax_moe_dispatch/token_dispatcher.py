@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_moe_dispatch.config import TokenDispatcherConfig
+from jax_moe_dispatch.core import native_permute as _native_perm
 from jax_moe_dispatch.core import permute as _perm
 from jax_moe_dispatch.core import routing
 from jax_moe_dispatch.fused_a2a import (
@@ -218,6 +219,10 @@ class MoEFlexTokenDispatcher(nnx.Module):
     )
     return probs, state
 
+  def _native_permute(self) -> bool:
+    """Whether deepep's permute/unpermute run the native kernels (``moe_permute_fusion``)."""
+    return _native_perm.runs_native(self.config.moe_permute_fusion, **self._op_args())
+
   def _out_probs(self, probs):
     if self.config.moe_router_dtype == "fp64" and jax.config.jax_enable_x64:
       return probs.astype(jnp.float64)
@@ -336,6 +341,9 @@ class MoEFlexTokenDispatcher(nnx.Module):
   ) -> tuple[jax.Array, jax.Array, jax.Array, DispatchState]:
     """Group received rows by local expert (deepep; hybridep rows already are).
 
+    With ``config.moe_permute_fusion`` and the native backend, the native
+    kernels do it (:mod:`jax_moe_dispatch.core.native_permute`); the same bits.
+
     Returns:
       ``(permuted_x [N, H], tokens_per_expert [L], permuted_probs [N],
       state)``: groups expert-major, each padded to the pad multiple (zero
@@ -347,9 +355,13 @@ class MoEFlexTokenDispatcher(nnx.Module):
       return hidden_states, state.tokens_per_expert, self._out_probs(state.dispatched_probs), state
     local_map, local_probs = routing.topk_to_multihot(
         state.dispatched_indices, state.dispatched_probs, state.num_local_experts)
-    permuted_x, permuted_probs, perm = _perm.group_by_expert(
-        hidden_states, local_map, local_probs, state.num_permuted_rows, state.pad_multiple,
-        state.dispatched_indices.shape[1])
+    args = (hidden_states, local_map, local_probs, state.num_permuted_rows, state.pad_multiple,
+            state.dispatched_indices.shape[1])
+    if self._native_permute():
+      permuted_x, permuted_probs, perm = _native_perm.group_by_expert(
+          *args, axis_name=self.config.ep_axis_name)
+    else:
+      permuted_x, permuted_probs, perm = _perm.group_by_expert(*args)
     state = dataclasses.replace(state, permutation=perm, dispatched_probs=permuted_probs,
                                 tokens_per_expert=perm.tokens_per_expert)
     return permuted_x, perm.tokens_per_expert, self._out_probs(permuted_probs), state
@@ -391,12 +403,16 @@ class MoEFlexTokenDispatcher(nnx.Module):
   def combine_preprocess(self, hidden_states: jax.Array, state: DispatchState) -> jax.Array:
     """Expert-major rows ``[N, H]`` -> receive layout ``[M, H]`` (deepep; hybridep: unchanged).
 
-    Each received row is the float32 sum of its rows over local experts.
+    Each received row is the float32 sum of its rows over local experts (a native
+    kernel with ``config.moe_permute_fusion`` and the native backend; the same bits).
     """
     _check_state(state, "combine_preprocess", needs="permutation")
     routing.check_combine_rows(hidden_states, state.num_permuted_rows, "N", "hidden_states")
     if state.backend == "hybridep":
       return hidden_states
+    if self._native_permute():
+      return _native_perm.unpermute(hidden_states, state.permutation, state.max_recv_tokens,
+                                    axis_name=self.config.ep_axis_name)
     return _perm.unpermute(hidden_states, state.permutation, state.max_recv_tokens)
 
   def combine_all_to_all(

@@ -20,7 +20,7 @@ def test_extension_built_when_required():
   ext = native.extension()
   assert set(ext.handlers()) == {"jmd_dispatch", "jmd_dispatch_cached", "jmd_combine",
                                  "jmd_hybrid_dispatch", "jmd_hybrid_dispatch_cached",
-                                 "jmd_hybrid_combine"}
+                                 "jmd_hybrid_combine", "jmd_permute", "jmd_unpermute"}
   for name in ("create_group", "create_exported", "open_peers", "set_timeout", "free_all", "reset"):
     assert callable(getattr(ext, name)), name
   assert 0 < ext.region_bytes() < 1 << 20

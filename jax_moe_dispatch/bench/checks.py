@@ -88,6 +88,44 @@ def hybrid_combine(out: Any, h: dict, y: Any) -> None:
   expect("hybrid_combine output", per_rank(out, ranks), oracle.hybrid_combine(h, per_rank(y, ranks)))
 
 
+def _local_map(recv_idx: np.ndarray, num_local: int) -> np.ndarray:
+  """``[M, K]`` local expert ids (-1: none) -> ``[M, L]`` bool."""
+  rows, k = np.nonzero(recv_idx >= 0)
+  local_map = np.zeros((recv_idx.shape[0], num_local), bool)
+  local_map[rows, recv_idx[rows, k]] = True
+  return local_map
+
+
+def permute(out: Any, want: dict, num_local: int, num_rows: int, pad: int) -> None:
+  """The dispatcher's permutation of the received rows vs :func:`oracle.permutation` of the
+  oracle's received rows (:func:`oracle.fused_dispatch`)."""
+  ranks = want["recv_idx"].shape[0]
+  rows, probs, perm = out
+  got = {name: per_rank(getattr(perm, name), ranks)
+         for name in ("perm_row", "src_row", "tokens_per_expert")}
+  rows, probs = per_rank(rows, ranks), per_rank(probs, ranks)
+  for r in range(ranks):
+    local_map = _local_map(want["recv_idx"][r], num_local)
+    p = oracle.permutation(local_map, num_rows, pad)
+    for name in got:
+      expect(f"rank {r} {name}", got[name][r], p[name])
+    expect(f"rank {r} permuted rows", rows[r], oracle.permute_rows(want["recv_x"][r], p))
+    local_probs = np.zeros(local_map.shape, want["recv_probs"].dtype)
+    i, k = np.nonzero(want["recv_idx"][r] >= 0)
+    local_probs[i, want["recv_idx"][r][i, k]] = want["recv_probs"][r][i, k]
+    expect(f"rank {r} permuted probs", probs[r], oracle.permute_values(local_probs, p))
+
+
+def unpermute(out: Any, permuted: Any, ranks: int) -> None:
+  """Unpermute of the permuted rows vs :func:`oracle.unpermute_rows`: each row's permuted rows
+  are copies of it, so their float32 sum is exact and rounds to the oracle's bits."""
+  rows, _, perm = permuted
+  rows, perm_row, out = per_rank(rows, ranks), per_rank(perm.perm_row, ranks), per_rank(out, ranks)
+  for r in range(ranks):
+    want = oracle.unpermute_rows(rows[r], {"perm_row": perm_row[r]}, out.shape[1])
+    expect(f"rank {r} unpermute", out[r], want)
+
+
 def ragged(out: Any, want: dict) -> None:
   """The ragged baseline's ``(rows, [ids | probs bits])`` vs :func:`oracle.fused_dispatch` with ``M = R * T``.
 

@@ -6,6 +6,9 @@ tokens and routing (a fresh draw per configuration):
 * ours: ``fused_dispatch`` (bf16, and FP8 rows from ``quantize_fp8``),
   ``fused_combine``, ``hybrid_ep_dispatch``, ``hybrid_ep_combine``, for each
   ``--impl`` (``native`` = the CUDA backend, ``reference`` = the pure-JAX one);
+  ``permute`` / ``unpermute`` (with ``--ops``): the deepep dispatcher's local
+  permutation of the received rows and its inverse (``native`` =
+  ``moe_permute_fusion``'s kernels, ``reference`` = XLA), no communication;
 * ``ragged``: ``jax.lax.ragged_all_to_all`` dispatch of the same tokens, all a
   user must do included (skipped on CPU: XLA:CPU has no ragged-all-to-all);
 * ``dense``: ``jax.lax.all_to_all`` of the padded ``[ep, T, H]`` slots alone;
@@ -36,7 +39,10 @@ from jax_moe_dispatch.bench import checks, ops, report, timing
 from jax_moe_dispatch.bench.dispatch_case import Case
 from jax_moe_dispatch.bench.session import Session, Suite
 
-OPS = ("dispatch", "combine", "hybrid_dispatch", "hybrid_combine", "ragged", "dense", "memcpy")
+OPS = ("dispatch", "combine", "hybrid_dispatch", "hybrid_combine", "permute", "unpermute", "ragged",
+       "dense", "memcpy")
+# Timed unless --ops says otherwise (permute/unpermute, local and no communication, on request).
+DEFAULT_OPS = tuple(op for op in OPS if op not in ("permute", "unpermute"))
 IMPLS = ("native", "reference")
 
 
@@ -96,8 +102,8 @@ def add_arguments(group) -> None:
   group.add_argument("--impl", default="auto",
                      help="implementations of ours to time, comma-separated from native,reference; "
                           "'auto' = native,reference when the native backend is available, else reference")
-  group.add_argument("--ops", type=_names(OPS), default=list(OPS), metavar="OP1,OP2,...",
-                     help=f"ops to run, from {','.join(OPS)}")
+  group.add_argument("--ops", type=_names(OPS), default=list(DEFAULT_OPS), metavar="OP1,OP2,...",
+                     help=f"ops to run, from {','.join(OPS)} (default: all but permute,unpermute)")
   group.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                      help="also time dispatch of FP8 rows (quantize_fp8: e4m3 + one f32 scale per 128 "
                           "columns)")
@@ -170,7 +176,7 @@ def _plan(session: Session, impls: Sequence[str], ep: int) -> list[tuple[str, st
   a = session.args
   plan = [("dense", "jax", "bf16")] if "dense" in a.ops else []
   for impl in impls:
-    for op in ("dispatch", "combine", "hybrid_dispatch", "hybrid_combine"):
+    for op in ("dispatch", "combine", "hybrid_dispatch", "hybrid_combine", "permute", "unpermute"):
       if op in a.ops:
         plan.append((op, impl, "bf16"))
         if op == "dispatch" and a.fp8:
@@ -248,6 +254,9 @@ def _describe(case: Case, row: Row) -> None:
     row.note = "ppermute ring: each rank sends the mean dispatch bytes to the next"
   elif row.op == "ragged":
     row.note = "layout + packing + size exchange + rows + ids/probs (2 ragged_all_to_all)"
+  elif row.op in ("permute", "unpermute"):
+    row.nvl_bytes = 0.0
+    row.note = "local (no communication); bytes counted = received rows"
 
 
 def _time_loop(session: Session, case: Case, row: Row, label: str) -> None:

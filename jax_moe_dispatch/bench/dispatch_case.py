@@ -34,6 +34,7 @@ class Case:
     ep, hidden, tokens, experts, topk, num_local: ``R, H, T, E, K, L``.
     max_recv, num_rows, pad: ``M`` (receive rows of ours), ``N`` (permuted rows
       of hybrid_ep_dispatch), ``pad_multiple``.
+    permuted_rows: the deepep dispatcher's permuted rows (the worst case for ``M``).
     mesh, wrap: the ``("ep",)`` mesh of the first ``ep`` devices, and
       ``shard_map`` over it (every argument and output split on axis 0).
     layout: the oracle's receive layout of ``fused_dispatch`` (``M`` rows).
@@ -79,6 +80,7 @@ class Case:
       self.num_rows = max(int(groups.sum(axis=1).max()), 1)
     else:
       self.num_rows = oracle.max_permuted_rows(self.max_recv, self.num_local, K, self.pad)
+    self.permuted_rows = oracle.max_permuted_rows(self.max_recv, self.num_local, K, self.pad)
     self._cache: dict = {}
 
   # -- data ------------------------------------------------------------------
@@ -120,6 +122,13 @@ class Case:
     if op == "hybrid_combine":
       permuted = self.output("hybrid_dispatch", impl, "bf16")
       return ops.hybrid_combine(impl, sms), (self._scaled(permuted[0]), permuted[4])
+    if op == "permute":
+      recv = self.output("dispatch", impl, "bf16")
+      fn = ops.permute(impl, self.num_local, self.permuted_rows, self.pad, self.topk)
+      return fn, (recv[0], recv[1], recv[2])
+    if op == "unpermute":
+      permuted = self.output("permute", impl, "bf16")
+      return ops.unpermute(impl, M), (permuted[0], permuted[2])
     if op == "ragged":
       return ops.ragged_dispatch(E), (self.x, dev["idx"], dev["probs"])
     if op == "dense":
@@ -184,6 +193,11 @@ class Case:
       checks.hybrid_dispatch(out, self._oracle_hybrid())
     elif op == "hybrid_combine":
       checks.hybrid_combine(out, self._oracle_hybrid(), self.jitted(op, impl, dtype)[2][0])
+    elif op == "permute":
+      checks.permute(out, self._oracle_dispatch("bf16", self.max_recv), self.num_local,
+                     self.permuted_rows, self.pad)
+    elif op == "unpermute":
+      checks.unpermute(out, self.output("permute", impl, dtype), self.ep)
     elif op == "ragged":
       checks.ragged(out, self._oracle_dispatch("bf16", self.ep * self.tokens))
     elif op == "dense":

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jax_moe_dispatch import fused_a2a
 from jax_moe_dispatch.backends import buffer
+from jax_moe_dispatch.core import native_permute, permute as xla_permute, routing
 from jax_moe_dispatch.core.fp8 import quantize_fp8
 
 AXIS = "ep"
@@ -67,6 +68,25 @@ def hybrid_dispatch(impl: str, num_sms: int, num_local: int, num_rows: int, pad_
                                         pad_multiple=pad_multiple, max_recv_tokens=max_recv,
                                         implementation=impl, num_sms=num_sms)
   return f
+
+
+def permute(impl: str, num_local: int, num_rows: int, pad_multiple: int, topk: int) -> Callable:
+  """``(recv_x [M, H], recv_idx [M, K], recv_probs [M, K]) -> (rows [N, H], probs [N], permutation)``:
+  the deepep dispatcher's ``dispatch_postprocess``, on the native kernels (``impl="native"``,
+  ``moe_permute_fusion=True``) or in XLA (``"reference"``)."""
+  mod = native_permute if impl == "native" else xla_permute
+
+  def f(x, idx, probs):
+    local_map, local_probs = routing.topk_to_multihot(idx, probs, num_local)
+    return mod.group_by_expert(x, local_map, local_probs, num_rows, pad_multiple, topk)
+  return f
+
+
+def unpermute(impl: str, max_recv: int) -> Callable:
+  """``(rows [N, H], permutation) -> [M, H]``: the deepep dispatcher's ``combine_preprocess``,
+  native or XLA as :func:`permute`."""
+  mod = native_permute if impl == "native" else xla_permute
+  return lambda rows, perm: mod.unpermute(rows, perm, max_recv)
 
 
 def hybrid_combine(impl: str, num_sms: int) -> Callable:

@@ -56,6 +56,7 @@ CASES = {
     "example": ("native", "reference"),  # Runs XLA collectives: one GPU per process.
     "hybrid_fused": ("native", "reference"),
     "hybrid_grow": ("native",),
+    "permute_fusion": ("native", "reference"),
     "dead_peer": ("native",),  # Last: one rank exits.
 }
 
@@ -914,6 +915,43 @@ def case_hybrid_grow(ctx):
   buffer.free_buffer()
   ctx.get_buffer(ctx.args.timeout)
   return {**c.done(), "staging": [small, grown], "used_by_growths": int(free0) - int(free1)}
+
+
+def case_permute_fusion(ctx):
+  """The deepep dispatcher with moe_permute_fusion (on native: jmd_permute / jmd_unpermute) and
+  without: every output (rows, group sizes, probabilities, combined tokens) and the gradients
+  of the rows and probabilities, bit for bit."""
+  ep, T, K, H = ctx.ep, 37, 4, 72
+  E = 4 * ep
+  rng = rng_for("permute_fusion", ep)
+  idx, probs = routing(rng, ep, T, K, E)
+  x = rand(rng, (ep, T, H), BF16)
+  w = rand(rng, (ep, T, H), np.float32)
+  outs = {}
+  for fusion in (False, True):
+    cfg = jmd.TokenDispatcherConfig(num_moe_experts=E, moe_router_topk=K, implementation=ctx.impl,
+                                    moe_permute_fusion=fusion, moe_router_expert_pad_multiple=16)
+
+    def fn(x, idx, probs, w, cfg=cfg):
+      def loss(x, probs):
+        d = jmd.MoEFlexTokenDispatcher(cfg)
+        px, tpe, pp, state = d.token_permutation2(x, token_probs=probs, token_indices=idx)
+        y = d.token_unpermutation(jnp.tanh(px) * pp[:, None].astype(px.dtype), state)
+        return jnp.sum(y.astype(jnp.float32) * w), (px, tpe, pp, y)
+
+      (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, probs)
+      return aux, grads
+
+    run = ctx.program(fn, x, idx, probs, w)
+    ctx.meet(f"ready/{fusion}")
+    outs[fusion] = run()
+  c = Checks()
+  names = ("permuted rows", "tokens_per_expert", "permuted probs", "combined", "grad rows",
+           "grad probs")
+  for name, on, off in zip(names, jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+    c.bitwise(f"{name}: fusion on vs off", on, off)
+  c.true("combined tokens are not all zero", bool(np.any(jax.tree.leaves(outs[True])[3] != 0)))
+  return c.done()
 
 
 def case_dead_peer(ctx):

@@ -1,0 +1,181 @@
+// Device helpers shared by the kernels that move rows into and out of the
+// expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, row copies
+// and zeroing in vectors, the group of a permuted row, and float32 sums of rows
+// of float32 / bfloat16 / float16 elements (loads of a batch in flight together).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "vectors.h"
+
+namespace jmd {
+
+// Exclusive prefix sum over the block (blockDim.x == kBlockThreads); `total` gets
+// the block's sum. Every thread must call it.
+template <int kBlockThreads>
+__device__ int BlockExclusiveSum(int v, int* total) {
+  constexpr int kWarps = kBlockThreads / 32;
+  __shared__ int warp_sums[kWarps];
+  __shared__ int block_total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int own = lane < kWarps ? warp_sums[lane] : 0;
+    int w = own;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int n = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += n;
+    }
+    if (lane < kWarps) warp_sums[lane] = w - own;
+    if (lane == 31) block_total = w;
+  }
+  __syncthreads();
+  const int out = warp_sums[warp] + incl - v;
+  *total = block_total;
+  __syncthreads();  // warp_sums and block_total may be reused by the next call.
+  return out;
+}
+
+// Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
+template <int W>
+__device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, int n, int lane) {
+  using V = typename VecOf<W>::T;
+  constexpr int kUnroll = W == 16 ? 8 : 4;
+  const int nvec = bytes / W;
+  const V* src = reinterpret_cast<const V*>(in);
+  for (int base = 0; base < nvec; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < nvec) v[u] = __ldg(src + i);
+    }
+    for (int j = 0; j < n; ++j) {
+      V* out = reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < nvec) out[i] = v[u];
+      }
+    }
+  }
+}
+
+template <int W>
+__device__ void ZeroRow(char* dst, int bytes, int lane) {
+  using V = typename VecOf<W>::T;
+  V* out = reinterpret_cast<V*>(dst);
+  for (int i = lane; i < bytes / W; i += 32) out[i] = V{};
+}
+
+// Group e of the permuted buffer is [start[e], start[e + 1]) (start[L]: the total,
+// unclipped); its first count[e] rows are routed rows, the rest padding.
+__device__ inline int GroupOf(const int* start, int num_local, int row) {
+  int lo = 0, hi = num_local - 1;  // The last e with start[e] <= row.
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (start[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+  __device__ static float ToF(float v) { return v; }
+  __device__ static float FromF(float v) { return v; }
+};
+template <> struct Num<__nv_bfloat16> {
+  __device__ static float ToF(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 FromF(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Num<__half> {
+  __device__ static float ToF(__half v) { return __half2float(v); }
+  __device__ static __half FromF(float v) { return __float2half_rn(v); }
+};
+
+// Elements per 16-byte vector, unpacked to / packed from float32.
+template <typename T>
+struct Pack16 {
+  static constexpr int kN = 16 / sizeof(T);
+  __device__ static void Add(float* acc, const int4& v) {
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) acc[i] += Num<T>::ToF(e[i]);
+  }
+  __device__ static int4 Pack(const float* acc) {
+    int4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) e[i] = Num<T>::FromF(acc[i]);
+    return v;
+  }
+};
+
+inline constexpr int kCombineUnroll = 1;  // 16-byte vectors per lane per column chunk.
+inline constexpr int kCombineBatch = 8;   // expert rows whose loads are in flight together.
+inline constexpr int kScalarCols = 8;     // single elements per lane per column chunk.
+
+// Columns of one chunk: 16-byte vectors, or single elements (kScalarCols per lane).
+template <typename T>
+__device__ __forceinline__ int ChunkCols(bool vectorized) {
+  return vectorized ? 32 * kCombineUnroll * Pack16<T>::kN : 32 * kScalarCols;
+}
+
+// Float32 partial sums one lane keeps for a chunk of T's (either kind of chunk).
+template <typename T>
+inline constexpr int kChunkFloats =
+    kCombineUnroll * Pack16<T>::kN > kScalarCols ? kCombineUnroll * Pack16<T>::kN : kScalarCols;
+
+// Adds rows rows[0..n) (of `hidden` T's each, from `base`) to `part` (kChunkFloats<T>),
+// columns of the chunk at col0, in order: every load of the batch is issued before
+// the first add.
+template <typename T>
+__device__ __forceinline__ void AddRows(float* part, const T* base, const int (&rows)[kCombineBatch], int n,
+                                        int hidden, int col0, int lane, bool vectorized) {
+  constexpr int kN = Pack16<T>::kN;
+  if (vectorized) {
+    int4 v[kCombineBatch][kCombineUnroll];
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int col = col0 + (u * 32 + lane) * kN;
+        if (b < n && col < hidden) v[b][u] = __ldg(reinterpret_cast<const int4*>(src + col));
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int col = col0 + (u * 32 + lane) * kN;
+        if (b < n && col < hidden) Pack16<T>::Add(part + u * kN, v[b][u]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (b >= n) continue;
+      const T* src = base + static_cast<int64_t>(rows[b]) * hidden;
+#pragma unroll
+      for (int u = 0; u < kScalarCols; ++u) {
+        const int col = col0 + u * 32 + lane;
+        if (col < hidden) part[u] += Num<T>::ToF(src[col]);
+      }
+    }
+  }
+}
+
+}  // namespace jmd
