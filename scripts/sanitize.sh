@@ -5,16 +5,18 @@
 #   cases  ep1  gpu-marked ep=1 native tests in one process (SANITIZE_EP1_TESTS, picked by
 #               SANITIZE_EP1_K): the fused HybridEP ops in bf16, float32 and FP8 (pad
 #               None/16/128, drops), their gradients and summation order, and handler calls
-#               with bad attributes (refused). (The plain ops' tests need 2+ GPUs; on one GPU
-#               the plain kernels run in the ep2/ep4 cases.)
+#               with bad attributes (refused); the local permute/unpermute kernels
+#               (moe_permute_fusion). (The plain ops' tests need 2+ GPUs; on one GPU the
+#               plain kernels run in the ep2/ep4 cases.)
 #          ep2  tests/multirank/worker.py as 2 processes (2 ranks) under launch_ranks.py,
 #               each rank run under the sanitizer
 #          ep4  the same with 4 ranks                          (SANITIZE_CASES)
 #
 # The worker runs small cases (SANITIZE_WORKER_CASES, default: a bf16 dispatch + combine,
-# one with dropped rows, the fused HybridEP ops, and ranks running different ops, which
-# also exercises the abort, reset and recovery path). Every kernel of the process is
-# checked, XLA's included (SANITIZE_FILTER, e.g. "--kernel-name kns=jmd", narrows that).
+# one with dropped rows, the fused HybridEP ops, the dispatcher with moe_permute_fusion, and
+# ranks running different ops, which also exercises the abort, reset and recovery path).
+# Every kernel of the process is checked, XLA's included (SANITIZE_FILTER, e.g.
+# "--kernel-name kns=jmd", narrows that).
 # XLA allocates with the platform allocator here (XLA_PYTHON_CLIENT_ALLOCATOR=platform),
 # one cudaMalloc per buffer, so that memcheck sees an access past a buffer instead of into
 # XLA's pool, and compiles on one thread (see XLA_FLAGS below).
@@ -26,8 +28,9 @@
 # Usage (repository root, package installed):  bash scripts/sanitize.sh
 # Environment:
 #   SANITIZE_TOOLS="memcheck racecheck synccheck"   SANITIZE_CASES="ep1 ep2 ep4"
-#   SANITIZE_WORKER_CASES=dispatch_combine_bf16,drop,hybrid_fused,mismatch_ops
-#   SANITIZE_EP1_TESTS="tests/test_native.py tests/test_native_hybrid.py"  SANITIZE_EP1_K=...
+#   SANITIZE_WORKER_CASES=dispatch_combine_bf16,drop,hybrid_fused,permute_fusion,mismatch_ops
+#   SANITIZE_EP1_TESTS="tests/test_native.py tests/test_native_hybrid.py tests/test_native_permute.py"
+#   SANITIZE_EP1_K=... (pytest -k)
 #   SANITIZE_FILTER=""                              SANITIZE_BUDGET_S=480 (all runs)
 #   SANITIZE_RUN_S=150 (one run at most)            COMPUTE_SANITIZER=path  PYTHON=python3
 set -u -o pipefail
@@ -44,9 +47,9 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python3}
 read -r -a TOOLS <<< "${SANITIZE_TOOLS:-memcheck racecheck synccheck}"
 read -r -a CASES <<< "${SANITIZE_CASES:-ep1 ep2 ep4}"
-WORKER_CASES=${SANITIZE_WORKER_CASES:-dispatch_combine_bf16,drop,hybrid_fused,mismatch_ops}
-read -r -a EP1_TESTS <<< "${SANITIZE_EP1_TESTS:-tests/test_native.py tests/test_native_hybrid.py}"
-EP1_K=${SANITIZE_EP1_K:-"refuse_bad_attributes or (ep1 and (gradients or summation_order or (hybrid_bitwise and (random-N or one_expert-None-16))))"}
+WORKER_CASES=${SANITIZE_WORKER_CASES:-dispatch_combine_bf16,drop,hybrid_fused,permute_fusion,mismatch_ops}
+read -r -a EP1_TESTS <<< "${SANITIZE_EP1_TESTS:-tests/test_native.py tests/test_native_hybrid.py tests/test_native_permute.py}"
+EP1_K=${SANITIZE_EP1_K:-"refuse_bad_attributes or (ep1 and (gradients or summation_order or (hybrid_bitwise and (random-N or one_expert-None-16)))) or (test_permute_bitwise and 16-bfloat16) or test_gradients_numeric or test_dispatcher_fusion_bitwise"}
 read -r -a FILTER <<< "${SANITIZE_FILTER:-}"
 BUDGET=${SANITIZE_BUDGET_S:-480}
 RUN_S=${SANITIZE_RUN_S:-150}
