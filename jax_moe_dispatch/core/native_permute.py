@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_moe_dispatch import backends
+from jax_moe_dispatch.backends import _log_once  # Once per process, like the backend choice.
 from jax_moe_dispatch.backends import native
 from jax_moe_dispatch.core import permute as _perm
 
 __all__ = ["group_by_expert", "runs_native", "unpermute"]
 
-logger = logging.getLogger("jax_moe_dispatch")
 
 # Row arrays one jmd_permute call moves (ffi/permute.h kMaxPermuteStreams).
 _MAX_ARRAYS = 4
@@ -50,9 +50,6 @@ _MAX_ARRAYS = 4
 _SUMMED = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-  logger.info(message)
 
 
 def runs_native(fusion: bool, implementation: Optional[str], num_sms: int) -> bool:
@@ -69,15 +66,15 @@ def runs_native(fusion: bool, implementation: Optional[str], num_sms: int) -> bo
       unavailable (the message names the fix).
   """
   if not fusion:
-    _log_once("jax_moe_dispatch: moe_permute_fusion=False: the deepep dispatcher permutes "
-              "received rows with XLA (core/permute.py).")
+    _log_once(logging.INFO, "jax_moe_dispatch: moe_permute_fusion=False: the deepep dispatcher "
+              "permutes received rows with XLA (core/permute.py).")
     return False
   if backends.get_backend(implementation, num_sms=num_sms).name != "native":
-    _log_once("jax_moe_dispatch: moe_permute_fusion=True, but the reference backend runs: the "
-              "deepep dispatcher permutes received rows with XLA (core/permute.py).")
+    _log_once(logging.INFO, "jax_moe_dispatch: moe_permute_fusion=True, but the reference backend "
+              "runs: the deepep dispatcher permutes received rows with XLA (core/permute.py).")
     return False
-  _log_once("jax_moe_dispatch: moe_permute_fusion=True: the deepep dispatcher permutes received "
-            "rows with the native kernels (jmd_permute, jmd_unpermute).")
+  _log_once(logging.INFO, "jax_moe_dispatch: moe_permute_fusion=True: the deepep dispatcher "
+            "permutes received rows with the native kernels (jmd_permute, jmd_unpermute).")
   return True
 
 
@@ -95,16 +92,7 @@ def _ffi(target: str, out_types, *args, axis_name: Optional[str], **attrs):
   """:func:`_call`, its results typed as varying over ``axis_name`` like its inputs
   (``ffi_call`` results carry no varying axes)."""
   outs = _call(target, out_types, *args, **attrs)
-  if axis_name is None:
-    return outs
-
-  def one(x):
-    try:
-      return jax.lax.pcast(x, axis_name, to="varying")
-    except ValueError:  # Already varying.
-      return x
-
-  return jax.tree.map(one, outs)
+  return outs if axis_name is None else native._varying(outs, axis_name)
 
 
 def group_by_expert(rows: Any, local_map: jax.Array, local_probs: jax.Array, num_rows: int,

@@ -620,18 +620,28 @@ def _timeout_program(ctx):
   return ctx.program(fn, x, idx, probs), check
 
 
-def _survive(ctx, victim: int, c: Checks, run) -> dict:
-  """As a rank whose peer ``victim`` never arrives: a bounded failure that names it."""
-  short = ctx.args.short_timeout
+def _fail_twice(run) -> tuple[float, str, str]:
+  """Run a call that gives up (its results are invalid), then the next one, which must fail.
+
+  Returns ``(seconds the first call took, last_error() after it, the second call's
+  error message or "")``.
+  """
   began = time.monotonic()
-  run()  # Gives up after `short` (the results are invalid).
-  gave_up = time.monotonic() - began
+  run()
+  took = time.monotonic() - began
   recorded = buffer.last_error()
   try:
     run()
     raised = ""
   except Exception as e:  # noqa: BLE001 - XLA reports the handler's error as a runtime error.
     raised = str(e)
+  return took, recorded, raised
+
+
+def _survive(ctx, victim: int, c: Checks, run) -> dict:
+  """As a rank whose peer ``victim`` never arrives: a bounded failure that names it."""
+  short = ctx.args.short_timeout
+  gave_up, recorded, raised = _fail_twice(run)
   process = ctx.mesh.devices.flat[victim].process_index
   who = f"waiting for process {process} (group position {victim})"
   c.true(f"the call gave up after {gave_up:.1f} s, not within {short:g} s + 60 s",
@@ -674,15 +684,7 @@ def _mismatched(ctx, run, words) -> dict:
   ctx.get_buffer(short)  # Same group: only the timeout changes.
   ctx.meet("ready")
   c = Checks()
-  began = time.monotonic()
-  run()
-  ended = time.monotonic() - began
-  recorded = buffer.last_error()
-  try:
-    run()
-    raised = ""
-  except Exception as e:  # noqa: BLE001 - XLA reports the handler's error as a runtime error.
-    raised = str(e)
+  ended, recorded, raised = _fail_twice(run)
   c.true(f"the call ended after {ended:.1f} s, not within the timeout {short:g} s + 30 s",
          ended < short + 30)
   c.true(f"last_error() names both calls {words}: {recorded!r}",
