@@ -187,6 +187,38 @@ def test_device_time_on_one_device_leaves_the_arguments():
   np.testing.assert_array_equal(a @ b, jnp.matmul(a, b))  # a and b were not donated away.
 
 
+def test_trace_clock_falls_back_to_wall_without_device_kernels():
+  a = jnp.asarray(np.random.default_rng(3).normal(size=(32, 32)), jnp.float32)
+  t = timing.device_time(jnp.matmul, (a, a), iters=2, reps=2, clock="trace")
+  assert t.clock == "wall" and 0 < t.min_s <= t.median_s <= t.max_s
+  with pytest.raises(ValueError, match="clock"):
+    timing.device_time(jnp.matmul, (a, a), iters=2, reps=1, clock="cpu")
+
+
+def _write_trace(log_dir: pathlib.Path, kernels: dict) -> None:
+  """A Perfetto trace as jax.profiler writes it: device process names, then kernel events (us)."""
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "ts": 0.0, "dur": 10_000.0, "name": "host work"}]
+  for pid, (name, intervals) in enumerate(kernels.items(), start=2):
+    events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}})
+    events += [{"ph": "X", "pid": pid, "ts": a, "dur": b - a, "name": "k"} for a, b in intervals]
+  (log_dir / "plugins" / "profile" / "run").mkdir(parents=True)
+  import gzip
+  import json
+  with gzip.open(log_dir / "plugins" / "profile" / "run" / "host.perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def test_run_spans_splits_runs_at_the_widest_gaps_and_takes_the_slowest_device(tmp_path):
+  # Two runs of three kernels per device (1 us gaps inside a run, 500 us between runs).
+  gpu0 = [(0, 100), (101, 150), (151, 300), (800, 900), (901, 950), (951, 1000)]
+  gpu1 = [(5, 100), (101, 150), (151, 320), (805, 900), (901, 950), (951, 990)]
+  _write_trace(tmp_path, {"/device:GPU:0": gpu0, "/device:GPU:1": gpu1})
+  spans = timing.run_spans(str(tmp_path), 2)
+  np.testing.assert_allclose(spans, [315e-6, 200e-6])
+  assert timing.run_spans(str(tmp_path), 7) == []  # Fewer kernels than runs: no spans.
+
+
 def test_device_time_needs_a_floating_output():
   with pytest.raises(ValueError, match="floating-point output"):
     timing.device_time(lambda i: i + 1, (jnp.arange(4),), iters=2, reps=1)

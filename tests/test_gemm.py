@@ -108,29 +108,33 @@ def test_interpreted_warp_specialised_kernels_match_oracle(layout):
 
 
 def _ws_products(x, w, dy, sizes, implementation_kwargs):
-  """The two-consumer gmm's forward and dgrad, called directly (any output width)."""
-  cfg = mosaic.TileConfig(consumers=2)
+  """The two-consumer kernels' forward, dgrad and wgrad, called directly (any output width)."""
+  cfg = mosaic.TileConfig(consumers=2, steps=3)
   gs = jnp.asarray(sizes, jnp.int32)
   y = jax.jit(lambda x, w: mosaic.gmm(x, w, gs, out_dtype=jnp.float32, cfg=cfg,
                                       **implementation_kwargs))(x, w)
   dx = jax.jit(lambda dy, w: mosaic.gmm(dy, w, gs, transpose_rhs=True, out_dtype=jnp.float32,
                                         cfg=cfg, **implementation_kwargs))(dy, w)
-  return y, dx
+  dw = jax.jit(lambda x, dy: mosaic.tgmm(x, dy, gs, out_dtype=jnp.float32, cfg=cfg,
+                                         **implementation_kwargs))(x, dy)
+  return y, dx, dw
 
 
 def _check_ws_products(num_rows, sizes, k, m, dtype, implementation_kwargs, rtol):
   x, w, dy = _data(num_rows, sizes, k, m, dtype, seed=k + m)
-  dy = jnp.nan_to_num(dy)
-  y, dx = _ws_products(x, w, dy, sizes, implementation_kwargs)
-  want_y, want_dx, _ = _oracle(x, w, dy, sizes)
+  # x and dy keep their NaN rows past the groups: they must never reach an output.
+  y, dx, dw = _ws_products(x, w, dy, sizes, implementation_kwargs)
+  want_y, want_dx, want_dw = _oracle(x, w, jnp.nan_to_num(dy), sizes)
   _assert_matches(y, want_y, f"y (output width {m})", rtol=rtol)
   _assert_matches(dx, want_dx, f"dx (output width {k})", rtol=rtol)
+  _assert_matches(dw, want_dw, f"dw (output width {m})", rtol=rtol)
   total = sum(sizes)
   assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
 
 
 def test_interpreted_warp_specialised_half_band_matches_oracle():
-  """Output widths that are an odd multiple of 128 end in a half column band."""
+  """Output widths that are an odd multiple of 128 end in a half column band (fwd, dgrad and
+  wgrad, the two-consumer kernels)."""
   num_rows, sizes = LAYOUTS["zeros_and_skew"]
   _check_ws_products(num_rows, sizes, 384, 128, jnp.bfloat16,
                      dict(num_sms=4, interpret=gemm_api._interpret_params()), rtol=1e-5)
@@ -165,6 +169,34 @@ def test_mosaic_refuses_with_the_fix():
   x, w, _ = _data(64, [30, 34], 16, 8, jnp.float32, seed=1)
   with pytest.raises(ValueError, match="implementation='auto'"):
     grouped_matmul(x, w, jnp.array([30, 34], jnp.int32), implementation="mosaic")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_work_items_cover_every_row_once_zero_items_first(seed):
+  """The two-consumer gmm's plan: each row of the output is in exactly one item, of its own
+  group (or of the past-the-end group G), zero-only items first."""
+  rng = np.random.default_rng(seed)
+  block_m, num_groups = 128, int(rng.integers(1, 9))
+  num_rows = block_m * int(rng.integers(1, 40))
+  # Half the seeds leave most rows past the groups (zero items outnumber the others).
+  total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1))
+  sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
+  groups, blocks, los, his = (np.asarray(a) for a in mosaic._pair_plan(
+      jnp.asarray(sizes, jnp.int32), num_rows, block_m))
+  owner = np.full(num_rows, -1)
+  for g, b, lo, hi in zip(groups, blocks, los, his):
+    assert 0 <= lo <= hi <= block_m
+    rows = slice(b * block_m + lo, b * block_m + hi)
+    assert (owner[rows] == -1).all(), "a row is in two items"
+    owner[rows] = g
+  want = np.repeat(np.arange(num_groups + 1), list(sizes) + [num_rows - sizes.sum()])
+  np.testing.assert_array_equal(owner, want)
+  used = his > los
+  assert not used[used.sum():].any(), "unused items must come last"
+  is_zero = (groups == num_groups)[used]
+  assert not is_zero[is_zero.sum():].any(), "zero-only items come first"
+  real_blocks = blocks[used & (groups < num_groups)]
+  assert (np.diff(real_blocks) >= 0).all(), "items with products stay in row order"
 
 
 def test_argument_errors():

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="expert-parallel sizes to sweep (the first N devices); default: all local devices")
   p.add_argument("--iters", type=int, default=20, help="calls inside one timed fori_loop")
   p.add_argument("--reps", type=int, default=5, help="timed runs of the loop (median reported)")
+  p.add_argument("--clock", choices=("trace", "wall"), default="trace",
+                 help="how a loop is timed: 'trace' = the device's kernel timestamps from a profiler "
+                      "trace (falls back to 'wall' where there are none, e.g. CPU), 'wall' = the host "
+                      "clock, which adds each run's fixed launch cost (bench/timing.py)")
   p.add_argument("--host-iters", type=int, default=20, help="host-timed single calls (median reported)")
   p.add_argument("--warmup", type=int, default=3, help="untimed single calls before timing")
   p.add_argument("--seed", type=int, default=0, help="base seed; each configuration draws fresh data")

@@ -72,6 +72,7 @@ class Row:
   iters: int = 0
   reps: int = 0
   timing: str = "loop"
+  clock: str = ""
   loop_copy_bytes: int = 0
   note: str = ""
   check_detail: str = ""
@@ -278,9 +279,9 @@ def _time_loop(session: Session, case: Case, row: Row, label: str) -> None:
     jax.block_until_ready(jf(*args))
   row.host_us = timing.host_time(jf, args, a.host_iters) * 1e6
   session.progress(f"{label}: host median {row.host_us:.1f} us; compiling the {a.iters}-call loop")
-  t = timing.device_time(fn, args, iters=a.iters, reps=a.reps, wrap=case.wrap)
+  t = timing.device_time(fn, args, iters=a.iters, reps=a.reps, wrap=case.wrap, clock=a.clock)
   row.time_us, row.time_us_min, row.time_us_max = t.median_s * 1e6, t.min_s * 1e6, t.max_s * 1e6
-  row.loop_copy_bytes = t.copy_bytes
+  row.loop_copy_bytes, row.clock = t.copy_bytes, t.clock
   if t.copy_bytes:
     row.note = (row.note + "; " if row.note else "") + f"loop body copies {t.copy_bytes / 2**20:.1f} MiB/iter"
     session.progress(f"{label}: warning: XLA put {t.copy_bytes / 2**20:.1f} MiB of copies in the timing "

@@ -65,6 +65,7 @@ class Row:
   iters: int = 0
   reps: int = 0
   loop_copy_bytes: int = 0
+  clock: str = ""
   note: str = ""
 
 
@@ -243,10 +244,10 @@ def run(session: Session) -> None:
 
 def _time(session: Session, row: Row, fn, fargs, flops: float, args, iters=None) -> None:
   iters = iters or args.gemm_iters
-  t = timing.device_time(fn, fargs, iters=iters, reps=args.reps)
+  t = timing.device_time(fn, fargs, iters=iters, reps=args.reps, clock=args.clock)
   row.time_ms = t.median_s * 1e3
   row.tflops = flops / t.median_s / 1e12
-  row.iters, row.reps, row.loop_copy_bytes = iters, args.reps, t.copy_bytes
+  row.iters, row.reps, row.loop_copy_bytes, row.clock = iters, args.reps, t.copy_bytes, t.clock
 
 
 def plot(path: str, rows: Sequence[Row], title: str) -> None:

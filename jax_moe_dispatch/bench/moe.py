@@ -61,6 +61,7 @@ class Row:
   iters: int = 0
   reps: int = 0
   loop_copy_bytes: int = 0
+  clock: str = ""
   note: str = ""
 
 
@@ -192,9 +193,10 @@ def run(session: Session) -> None:
         if not session.fits(scratch, f"moe {impl} ep={ep}"):
           row.note = f"not run: needs {row.scratch_gib:.0f} GiB scratch"
         else:
-          lt = timing.device_time(fn, fargs, iters=args.moe_iters, reps=args.reps)
+          lt = timing.device_time(fn, fargs, iters=args.moe_iters, reps=args.reps, clock=args.clock)
           row.time_ms = lt.median_s * 1e3
           row.iters, row.reps, row.loop_copy_bytes = args.moe_iters, args.reps, lt.copy_bytes
+          row.clock = lt.clock
           row.expert_tflops = flops / lt.median_s / 1e12
           if impl == "gemms":
             gemm_ms = row.time_ms
