@@ -60,10 +60,7 @@ __device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
 // ---------------------------------------------------------------------------
 // Fresh dispatch, step 1: for each local expert (a block each), the rank of every
 // routed receive row within the expert's group (receive order), written to
-// perm_row, and the group's row count. perm_row of unrouted rows is -1. Each
-// thread takes 32 consecutive rows per round, so a round is one block scan.
-
-constexpr int kScanRows = 32;
+// perm_row, and the group's row count. perm_row of unrouted rows is -1.
 
 __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const __grid_constant__ HybridParams p) {
   __shared__ Sources src;
@@ -72,31 +69,13 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
   const int size = g.size, me = layout.my_axis_index, num_local = p.num_local;
   LoadSources<true>(src, layout, p, size, me);
   const int num_recv = src.start[size];
-  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
-    int carry = 0;
-    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
-      const int first = round + threadIdx.x * kScanRows;
-      uint32_t hits = 0;
-#pragma unroll 8
-      for (int k = 0; k < kScanRows; ++k) {
-        const int i = first + k;
-        if (i < num_recv) {
-          const int s = SourceOf(src, size, i);
-          const int64_t t = src.list[s][i - src.start[s]];
-          hits |= static_cast<uint32_t>(src.map[s][(t * size + me) * num_local + e] != 0) << k;
-        }
-      }
-      int total;
-      int rank = carry + BlockExclusiveSum<kThreads>(__popc(hits), &total);
-      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
-        const bool hit = (hits >> k) & 1u;
-        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
-        rank += hit;
-      }
-      carry += total;
-    }
-    if (threadIdx.x == 0) p.counts[e] = carry;
-  }
+  // Receive row i is routed to e when its token's slice of the map says so.
+  const auto routed = [&](int i, int e) {
+    const int s = SourceOf(src, size, i);
+    const int64_t t = src.list[s][i - src.start[s]];
+    return src.map[s][(t * size + me) * num_local + e] != 0;
+  };
+  ScanGroups<kThreads>(num_recv, num_local, routed, p.perm_row, p.counts);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t pad_begin = static_cast<int64_t>(num_recv) * num_local;
   const int64_t pad_end = static_cast<int64_t>(p.max_recv) * num_local;

@@ -18,7 +18,6 @@ constexpr int kPermuteThreads = 512;
 constexpr int kPermuteWarps = kPermuteThreads / 32;
 constexpr int kBlocksPerSm = 4;  // grid cap of the row kernels, per SM.
 constexpr int kWarpDsts = 64;    // destinations a warp collects before it copies a row.
-constexpr int kScanRows = 32;    // consecutive rows per thread and round of the scan.
 
 int RowGrid(int64_t rows, int num_sms) {
   const int64_t blocks = (rows + kPermuteWarps - 1) / kPermuteWarps;
@@ -50,31 +49,13 @@ __global__ void __launch_bounds__(kPermuteThreads) ClampKernel(const __grid_cons
 // For each local expert (a block each): the rank of every kept row within the
 // expert's group (row order) into perm_row (-1: not kept), and the group's count.
 __global__ void __launch_bounds__(kPermuteThreads) ScanKernel(const __grid_constant__ PermuteParams p) {
-  const int num_recv = p.num_recv, num_local = p.num_local;
-  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
-    int carry = 0;
-    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
-      const int first = round + threadIdx.x * kScanRows;
-      uint32_t hits = 0;
-#pragma unroll 8
-      for (int k = 0; k < kScanRows; ++k) {
-        const int64_t i = first + k;
-        if (i < num_recv) {
-          const bool kept = p.map[i * num_local + e] != 0 && (p.last_expert == nullptr || e <= p.last_expert[i]);
-          hits |= static_cast<uint32_t>(kept) << k;
-        }
-      }
-      int total;
-      int rank = carry + BlockExclusiveSum<kPermuteThreads>(__popc(hits), &total);
-      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
-        const bool hit = (hits >> k) & 1u;
-        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
-        rank += hit;
-      }
-      carry += total;
-    }
-    if (threadIdx.x == 0) p.counts[e] = carry;
-  }
+  const int num_local = p.num_local;
+  // Row i keeps e when it is routed there and e is not past its K-th expert.
+  const auto kept = [&](int i, int e) {
+    const int64_t r = i;
+    return p.map[r * num_local + e] != 0 && (p.last_expert == nullptr || e <= p.last_expert[r]);
+  };
+  ScanGroups<kPermuteThreads>(p.num_recv, num_local, kept, p.perm_row, p.counts);
 }
 
 __device__ __forceinline__ void CopyValue(const char* in, char* out, int bytes) {

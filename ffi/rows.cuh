@@ -1,5 +1,6 @@
 // Device helpers shared by the kernels that move rows into and out of the
-// expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, row copies
+// expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, the scan of
+// each expert's group, row copies
 // and zeroing in vectors, the group of a permuted row, and float32 sums of rows
 // of float32 / bfloat16 / float16 elements (loads of a batch in flight together).
 #pragma once
@@ -46,6 +47,38 @@ __device__ int BlockExclusiveSum(int v, int* total) {
   *total = block_total;
   __syncthreads();  // warp_sums and block_total may be reused by the next call.
   return out;
+}
+
+// Rows per thread and round of ScanGroups: a round is one block scan.
+inline constexpr int kScanRows = 32;
+
+// For each local expert e (a block each; blockDim.x == kBlockThreads): the rank,
+// in row order, of every row i in [0, num_rows) that hit(i, e) accepts within e's
+// group, written to rank[i * num_local + e] (-1 for the rows it rejects), and the
+// group's size to count[e]. Each thread takes kScanRows consecutive rows a round.
+template <int kBlockThreads, typename Hit>
+__device__ void ScanGroups(int num_rows, int num_local, Hit hit, int32_t* rank, int32_t* count) {
+  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
+    int carry = 0;
+    for (int round = 0; round < num_rows; round += blockDim.x * kScanRows) {
+      const int first = round + threadIdx.x * kScanRows;
+      uint32_t hits = 0;
+#pragma unroll 8
+      for (int k = 0; k < kScanRows; ++k) {
+        const int i = first + k;
+        if (i < num_rows) hits |= static_cast<uint32_t>(hit(i, e)) << k;
+      }
+      int total;
+      int r = carry + BlockExclusiveSum<kBlockThreads>(__popc(hits), &total);
+      for (int k = 0; k < kScanRows && first + k < num_rows; ++k) {
+        const bool h = (hits >> k) & 1u;
+        rank[static_cast<int64_t>(first + k) * num_local + e] = h ? r : -1;
+        r += h;
+      }
+      carry += total;
+    }
+    if (threadIdx.x == 0) count[e] = carry;
+  }
 }
 
 // Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
