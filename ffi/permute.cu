@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       __syncwarp();
       if (n > kWarpDsts - 32 || (base + 32 >= num_local && n > 0)) {  // Flush: copy the row.
         for (int k = 0; k < p.num_streams; ++k) {
-          const PermuteStream& st = p.rows[k];
+          const RowStream& st = p.rows[k];
           const char* in = st.src + static_cast<int64_t>(i) * st.bytes;
           JMD_SWITCH_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
         }
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       for (int b = 0; b < p.prob_bytes; ++b) out[b] = 0;
     }
     for (int k = 0; k < p.num_streams; ++k) {
-      const PermuteStream& st = p.rows[k];
+      const RowStream& st = p.rows[k];
       JMD_SWITCH_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
     }
   }
