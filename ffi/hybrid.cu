@@ -206,27 +206,11 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
 // token's rows are listed once; each chunk of columns then loads up to
 // kCombineBatch rows at a time, all loads in flight before the first add.
 
-// The token's rows at one rank, ascending local expert, read from its perm_row row
-// `perm`: calls add(row) for each (`hits` is the same in every lane, so `row` is).
-template <typename Add>
-__device__ __forceinline__ void ForEachRow(const int32_t* perm, int num_local, int lane, Add add) {
-  for (int e0 = 0; e0 < num_local; e0 += 32) {
-    const int row = e0 + lane < num_local ? __ldg(perm + e0 + lane) : -1;
-    unsigned hits = __ballot_sync(0xffffffffu, row >= 0);
-    while (hits != 0) {
-      add(__shfl_sync(0xffffffffu, row, __ffs(hits) - 1));
-      hits &= hits - 1;
-    }
-  }
-}
-
 constexpr int kNotSent = -2;  // listed count: the token did not go to that rank.
-constexpr int kTooMany = -1;  // listed count: more rows than a batch (read perm_row per chunk).
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
                                                                 const __grid_constant__ HybridCombineParams p) {
-  constexpr int kN = Pack16<T>::kN;
   __shared__ const T* rows_of[kMaxRanks];
   __shared__ const int32_t* perm_of[kMaxRanks];
   __shared__ int offset[kMaxRanks];
@@ -249,6 +233,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
   const int chunk = ChunkCols<T>(vectorized);
   int(&list)[kMaxRanks][kCombineBatch] = listed[warp];
   int(&list_n)[kMaxRanks] = listed_n[warp];
+  const auto is_row = [](int row) { return row >= 0; };  // A perm_row entry: -1 is none.
 
   for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += total_warps) {
     int recv_row = -1;
@@ -260,14 +245,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
     for (int d = 0; d < size; ++d) {
       const int r = __shfl_sync(0xffffffffu, recv_row, d);
       int n = kNotSent;
-      if (r >= 0) {
-        n = 0;
-        ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
-          if (lane == 0 && n < kCombineBatch) list[d][n] = row;
-          ++n;
-        });
-        if (n > kCombineBatch) n = kTooMany;
-      }
+      if (r >= 0) n = ListRows(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, is_row, list[d]);
       if (lane == 0) list_n[d] = n;
     }
     __syncwarp();
@@ -282,44 +260,13 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
         float part[kChunkFloats<T>];
 #pragma unroll
         for (int i = 0; i < kChunkFloats<T>; ++i) part[i] = 0.0f;
-        int batch[kCombineBatch] = {};
-        if (n != kTooMany) {
-#pragma unroll
-          for (int b = 0; b < kCombineBatch; ++b) {
-            if (b < n) batch[b] = list[d][b];
-          }
-          AddRows<T>(part, rows_of[d], batch, n, hidden, col0, lane, vectorized);
-        } else {  // Batches straight from perm_row, for this chunk.
-          const int r = __shfl_sync(0xffffffffu, recv_row, d);
-          int nb = 0;
-          ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
-#pragma unroll
-            for (int b = 0; b < kCombineBatch; ++b) {
-              if (b == nb) batch[b] = row;
-            }
-            if (++nb == kCombineBatch) {
-              AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
-              nb = 0;
-            }
-          });
-          if (nb > 0) AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
-        }
+        const int r = __shfl_sync(0xffffffffu, recv_row, d);  // kTooMany: perm_row is read again.
+        AddListed<T>(part, rows_of[d], list[d], n, perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, is_row,
+                     hidden, col0, lane, vectorized);
 #pragma unroll
         for (int i = 0; i < kChunkFloats<T>; ++i) acc[i] += part[i];
       }
-      if (vectorized) {
-#pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u) {
-          const int col = col0 + (u * 32 + lane) * kN;
-          if (col < hidden) *reinterpret_cast<int4*>(out + col) = Pack16<T>::Pack(acc + u * kN);
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < kScalarCols; ++u) {
-          const int col = col0 + u * 32 + lane;
-          if (col < hidden) out[col] = Num<T>::FromF(acc[u]);
-        }
-      }
+      StoreChunk<T, T>(out, acc, hidden, col0, lane, vectorized, vectorized);
     }
     __syncwarp();  // The list is read by every lane before the next token overwrites it.
   }
