@@ -1,9 +1,9 @@
 // Device helpers shared by the kernels that move rows into and out of the
 // expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, the scan of
-// each expert's group, row copies
-// and zeroing in vectors, the group of a permuted row, and float32 sums of rows
-// of float32 / bfloat16 / float16 elements: a warp lists the rows to sum once,
-// then sums them a column chunk at a time, the loads of a batch in flight together.
+// each expert's group, row copies and zeroing in vectors, the group of a permuted
+// row, and float32 sums of rows of float32 / bfloat16 / float16 elements: a warp
+// lists the rows to sum once, then sums them a column chunk at a time, the loads
+// of a batch in flight together.
 #pragma once
 
 #include <cuda_bf16.h>
