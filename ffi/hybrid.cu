@@ -60,10 +60,7 @@ __device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
 // ---------------------------------------------------------------------------
 // Fresh dispatch, step 1: for each local expert (a block each), the rank of every
 // routed receive row within the expert's group (receive order), written to
-// perm_row, and the group's row count. perm_row of unrouted rows is -1. Each
-// thread takes 32 consecutive rows per round, so a round is one block scan.
-
-constexpr int kScanRows = 32;
+// perm_row, and the group's row count. perm_row of unrouted rows is -1.
 
 __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const __grid_constant__ HybridParams p) {
   __shared__ Sources src;
@@ -72,31 +69,13 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
   const int size = g.size, me = layout.my_axis_index, num_local = p.num_local;
   LoadSources<true>(src, layout, p, size, me);
   const int num_recv = src.start[size];
-  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
-    int carry = 0;
-    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
-      const int first = round + threadIdx.x * kScanRows;
-      uint32_t hits = 0;
-#pragma unroll 8
-      for (int k = 0; k < kScanRows; ++k) {
-        const int i = first + k;
-        if (i < num_recv) {
-          const int s = SourceOf(src, size, i);
-          const int64_t t = src.list[s][i - src.start[s]];
-          hits |= static_cast<uint32_t>(src.map[s][(t * size + me) * num_local + e] != 0) << k;
-        }
-      }
-      int total;
-      int rank = carry + BlockExclusiveSum<kThreads>(__popc(hits), &total);
-      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
-        const bool hit = (hits >> k) & 1u;
-        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
-        rank += hit;
-      }
-      carry += total;
-    }
-    if (threadIdx.x == 0) p.counts[e] = carry;
-  }
+  // Receive row i is routed to e when its token's slice of the map says so.
+  const auto routed = [&](int i, int e) {
+    const int s = SourceOf(src, size, i);
+    const int64_t t = src.list[s][i - src.start[s]];
+    return src.map[s][(t * size + me) * num_local + e] != 0;
+  };
+  ScanGroups<kThreads>(num_recv, num_local, routed, p.perm_row, p.counts);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t pad_begin = static_cast<int64_t>(num_recv) * num_local;
   const int64_t pad_end = static_cast<int64_t>(p.max_recv) * num_local;
@@ -227,27 +206,11 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
 // token's rows are listed once; each chunk of columns then loads up to
 // kCombineBatch rows at a time, all loads in flight before the first add.
 
-// The token's rows at one rank, ascending local expert, read from its perm_row row
-// `perm`: calls add(row) for each (`hits` is the same in every lane, so `row` is).
-template <typename Add>
-__device__ __forceinline__ void ForEachRow(const int32_t* perm, int num_local, int lane, Add add) {
-  for (int e0 = 0; e0 < num_local; e0 += 32) {
-    const int row = e0 + lane < num_local ? __ldg(perm + e0 + lane) : -1;
-    unsigned hits = __ballot_sync(0xffffffffu, row >= 0);
-    while (hits != 0) {
-      add(__shfl_sync(0xffffffffu, row, __ffs(hits) - 1));
-      hits &= hits - 1;
-    }
-  }
-}
-
 constexpr int kNotSent = -2;  // listed count: the token did not go to that rank.
-constexpr int kTooMany = -1;  // listed count: more rows than a batch (read perm_row per chunk).
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
                                                                 const __grid_constant__ HybridCombineParams p) {
-  constexpr int kN = Pack16<T>::kN;
   __shared__ const T* rows_of[kMaxRanks];
   __shared__ const int32_t* perm_of[kMaxRanks];
   __shared__ int offset[kMaxRanks];
@@ -270,6 +233,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
   const int chunk = ChunkCols<T>(vectorized);
   int(&list)[kMaxRanks][kCombineBatch] = listed[warp];
   int(&list_n)[kMaxRanks] = listed_n[warp];
+  const auto is_row = [](int row) { return row >= 0; };  // A perm_row entry: -1 is none.
 
   for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += total_warps) {
     int recv_row = -1;
@@ -281,14 +245,7 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
     for (int d = 0; d < size; ++d) {
       const int r = __shfl_sync(0xffffffffu, recv_row, d);
       int n = kNotSent;
-      if (r >= 0) {
-        n = 0;
-        ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
-          if (lane == 0 && n < kCombineBatch) list[d][n] = row;
-          ++n;
-        });
-        if (n > kCombineBatch) n = kTooMany;
-      }
+      if (r >= 0) n = ListRows(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, is_row, list[d]);
       if (lane == 0) list_n[d] = n;
     }
     __syncwarp();
@@ -303,44 +260,13 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
         float part[kChunkFloats<T>];
 #pragma unroll
         for (int i = 0; i < kChunkFloats<T>; ++i) part[i] = 0.0f;
-        int batch[kCombineBatch] = {};
-        if (n != kTooMany) {
-#pragma unroll
-          for (int b = 0; b < kCombineBatch; ++b) {
-            if (b < n) batch[b] = list[d][b];
-          }
-          AddRows<T>(part, rows_of[d], batch, n, hidden, col0, lane, vectorized);
-        } else {  // Batches straight from perm_row, for this chunk.
-          const int r = __shfl_sync(0xffffffffu, recv_row, d);
-          int nb = 0;
-          ForEachRow(perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, lane, [&](int row) {
-#pragma unroll
-            for (int b = 0; b < kCombineBatch; ++b) {
-              if (b == nb) batch[b] = row;
-            }
-            if (++nb == kCombineBatch) {
-              AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
-              nb = 0;
-            }
-          });
-          if (nb > 0) AddRows<T>(part, rows_of[d], batch, nb, hidden, col0, lane, vectorized);
-        }
+        const int r = __shfl_sync(0xffffffffu, recv_row, d);  // kTooMany: perm_row is read again.
+        AddListed<T>(part, rows_of[d], list[d], n, perm_of[d] + static_cast<int64_t>(r) * num_local, num_local, is_row,
+                     hidden, col0, lane, vectorized);
 #pragma unroll
         for (int i = 0; i < kChunkFloats<T>; ++i) acc[i] += part[i];
       }
-      if (vectorized) {
-#pragma unroll
-        for (int u = 0; u < kCombineUnroll; ++u) {
-          const int col = col0 + (u * 32 + lane) * kN;
-          if (col < hidden) *reinterpret_cast<int4*>(out + col) = Pack16<T>::Pack(acc + u * kN);
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < kScalarCols; ++u) {
-          const int col = col0 + u * 32 + lane;
-          if (col < hidden) out[col] = Num<T>::FromF(acc[u]);
-        }
-      }
+      StoreChunk<T, T>(out, acc, hidden, col0, lane, vectorized, vectorized);
     }
     __syncwarp();  // The list is read by every lane before the next token overwrites it.
   }

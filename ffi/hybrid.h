@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "protocol.h"
+#include "row_streams.h"
 
 namespace jmd {
 
@@ -21,12 +22,6 @@ namespace jmd {
 // the addresses s published in slots 0..num_rows_streams-1 ([T, ...] rows), then
 // the routing slices map ([T, R, L] bool) and probs ([T, R, L]), then the lists.
 inline constexpr int kMaxRowStreams = 2;  // rows, FP8 scales.
-
-struct RowStream {
-  char* dst;       // [N, ...] permuted output.
-  int32_t bytes;   // bytes of one row.
-  int32_t width;   // vector width in bytes (16, 8, 4, 2, 1); divides `bytes`.
-};
 
 struct HybridParams {
   RowStream rows[kMaxRowStreams];

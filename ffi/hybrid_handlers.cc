@@ -5,13 +5,12 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include "handlers_internal.h"
 #include "hybrid.h"
 #include "kernels.h"
+#include "row_stream_setup.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -23,34 +22,18 @@ using S32Matrix = ffi::Buffer<ffi::S32, 2>;
 namespace jmd {
 namespace {
 
-// The row streams: inputs [T, ...] into outputs [N, ...], same row bytes and dtype.
+// The row streams: inputs [T, ...] into outputs [N, ...], each input published.
 ffi::Error SetUpRows(HybridParams& p, Published* published, ffi::RemainingArgs args, ffi::RemainingRets rets,
                      int64_t num_tokens, int64_t num_rows) {
-  const int64_t n = static_cast<int64_t>(args.size());
-  if (n < 1 || n > kMaxRowStreams || static_cast<int64_t>(rets.size()) != n) {
-    return Invalid("a hybrid dispatch moves rows (and FP8 scales): one to " + std::to_string(kMaxRowStreams) +
-                   " arrays, one output each");
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    auto in = args.get<ffi::AnyBuffer>(k);
-    auto out = rets.get<ffi::AnyBuffer>(k);
-    if (!in.has_value()) return in.error();
-    if (!out.has_value()) return out.error();
-    const int64_t bytes = RowBytes(*in, 1);
-    if (in->dimensions().size() < 1 || in->dimensions()[0] != num_tokens || (*out)->dimensions().size() < 1 ||
-        (*out)->dimensions()[0] != num_rows || RowBytes(**out, 1) != bytes ||
-        in->element_type() != (*out)->element_type()) {
-      return Invalid("hybrid rows " + std::to_string(k) + " must be [T, ...] in and [N, ...] out, same rows");
-    }
-    if (bytes > INT32_MAX / 2) return Invalid("rows over 1 GiB are not supported");
-    RowStream& st = p.rows[k];
-    st.dst = static_cast<char*>((*out)->untyped_data());
-    st.bytes = static_cast<int32_t>(bytes);
-    // Peers' inputs have the same shapes and alignment (XLA: >= 16 bytes; staging: 256).
-    st.width = std::min(VectorWidth(bytes, in->untyped_data()), VectorWidth(bytes, st.dst));
+  // Peers' inputs have the same shapes and alignment (XLA: >= 16 bytes; staging:
+  // 256), so the vector widths of this rank's input hold for theirs.
+  auto n = SetUpRowStreams("hybrid dispatch", args, rets, num_tokens, "T", num_rows, kMaxRowStreams, p.rows);
+  if (!n.has_value()) return n.error();
+  for (int32_t k = 0; k < *n; ++k) {
+    auto in = args.get<ffi::AnyBuffer>(k);  // Checked above.
     published[k] = Published{in->untyped_data(), in->size_bytes()};
   }
-  p.num_row_streams = static_cast<int32_t>(n);
+  p.num_row_streams = *n;
   return ffi::Error::Success();
 }
 

@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "permute.h"
 #include "rows.cuh"
@@ -18,7 +17,6 @@ constexpr int kPermuteThreads = 512;
 constexpr int kPermuteWarps = kPermuteThreads / 32;
 constexpr int kBlocksPerSm = 4;  // grid cap of the row kernels, per SM.
 constexpr int kWarpDsts = 64;    // destinations a warp collects before it copies a row.
-constexpr int kScanRows = 32;    // consecutive rows per thread and round of the scan.
 
 int RowGrid(int64_t rows, int num_sms) {
   const int64_t blocks = (rows + kPermuteWarps - 1) / kPermuteWarps;
@@ -50,31 +48,13 @@ __global__ void __launch_bounds__(kPermuteThreads) ClampKernel(const __grid_cons
 // For each local expert (a block each): the rank of every kept row within the
 // expert's group (row order) into perm_row (-1: not kept), and the group's count.
 __global__ void __launch_bounds__(kPermuteThreads) ScanKernel(const __grid_constant__ PermuteParams p) {
-  const int num_recv = p.num_recv, num_local = p.num_local;
-  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
-    int carry = 0;
-    for (int round = 0; round < num_recv; round += blockDim.x * kScanRows) {
-      const int first = round + threadIdx.x * kScanRows;
-      uint32_t hits = 0;
-#pragma unroll 8
-      for (int k = 0; k < kScanRows; ++k) {
-        const int64_t i = first + k;
-        if (i < num_recv) {
-          const bool kept = p.map[i * num_local + e] != 0 && (p.last_expert == nullptr || e <= p.last_expert[i]);
-          hits |= static_cast<uint32_t>(kept) << k;
-        }
-      }
-      int total;
-      int rank = carry + BlockExclusiveSum<kPermuteThreads>(__popc(hits), &total);
-      for (int k = 0; k < kScanRows && first + k < num_recv; ++k) {
-        const bool hit = (hits >> k) & 1u;
-        p.perm_row[static_cast<int64_t>(first + k) * num_local + e] = hit ? rank : -1;
-        rank += hit;
-      }
-      carry += total;
-    }
-    if (threadIdx.x == 0) p.counts[e] = carry;
-  }
+  const int num_local = p.num_local;
+  // Row i keeps e when it is routed there and e is not past its K-th expert.
+  const auto kept = [&](int i, int e) {
+    const int64_t r = i;
+    return p.map[r * num_local + e] != 0 && (p.last_expert == nullptr || e <= p.last_expert[r]);
+  };
+  ScanGroups<kPermuteThreads>(p.num_recv, num_local, kept, p.perm_row, p.counts);
 }
 
 __device__ __forceinline__ void CopyValue(const char* in, char* out, int bytes) {
@@ -148,7 +128,7 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       __syncwarp();
       if (n > kWarpDsts - 32 || (base + 32 >= num_local && n > 0)) {  // Flush: copy the row.
         for (int k = 0; k < p.num_streams; ++k) {
-          const PermuteStream& st = p.rows[k];
+          const RowStream& st = p.rows[k];
           const char* in = st.src + static_cast<int64_t>(i) * st.bytes;
           JMD_SWITCH_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
         }
@@ -168,69 +148,40 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       for (int b = 0; b < p.prob_bytes; ++b) out[b] = 0;
     }
     for (int k = 0; k < p.num_streams; ++k) {
-      const PermuteStream& st = p.rows[k];
+      const RowStream& st = p.rows[k];
       JMD_SWITCH_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
     }
   }
 }
 
-// A warp per output row: for each column chunk, the float32 sum from zero of the
-// row's permuted rows in expert_rows order (batches of kCombineBatch loads in
-// flight), rounded once to TOut.
+// A warp per output row: its permuted rows are listed once (expert_rows order),
+// then for each column chunk their float32 sum from zero, in that order, rounded
+// once to TOut. With the list in shared memory, nothing but a shared load stands
+// between a chunk's start and its row loads: a batch of up to kCombineBatch of them
+// (16 bytes a lane, 4 KiB a warp) in flight before the first add.
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(kPermuteThreads) UnpermuteKernel(const __grid_constant__ UnpermuteParams p) {
-  constexpr int kN = Pack16<TIn>::kN;
-  const int lane = threadIdx.x % 32;
-  const int hidden = p.hidden, max_experts = p.max_experts;
+  __shared__ int listed[kPermuteWarps][kCombineBatch];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int hidden = p.hidden, max_experts = p.max_experts, num_rows = p.num_rows;
   const TIn* rows = static_cast<const TIn*>(p.rows);
   const int chunk = ChunkCols<TIn>(p.vector_in);
+  int* list = listed[warp];
+  const auto in_rows = [num_rows](int row) { return row >= 0 && row < num_rows; };  // Else skipped.
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kPermuteWarps;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + threadIdx.x / 32; i < p.num_recv; i += warps) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + warp; i < p.num_recv; i += warps) {
     const int32_t* mine = p.expert_rows + i * max_experts;
+    const int n = ListRows(mine, max_experts, lane, in_rows, list);
+    __syncwarp();
     TOut* out = static_cast<TOut*>(p.out) + i * hidden;
     for (int col0 = 0; col0 < hidden; col0 += chunk) {
       float acc[kChunkFloats<TIn>];
 #pragma unroll
       for (int q = 0; q < kChunkFloats<TIn>; ++q) acc[q] = 0.0f;
-      int batch[kCombineBatch] = {};
-      int nb = 0;
-      for (int j0 = 0; j0 < max_experts; j0 += 32) {
-        const int row = j0 + lane < max_experts ? __ldg(mine + j0 + lane) : -1;
-        unsigned hits = __ballot_sync(0xffffffffu, row >= 0 && row < p.num_rows);
-        while (hits != 0) {
-          const int r = __shfl_sync(0xffffffffu, row, __ffs(hits) - 1);
-          hits &= hits - 1;
-#pragma unroll
-          for (int b = 0; b < kCombineBatch; ++b) {
-            if (b == nb) batch[b] = r;
-          }
-          if (++nb == kCombineBatch) {
-            AddRows<TIn>(acc, rows, batch, nb, hidden, col0, lane, p.vector_in);
-            nb = 0;
-          }
-        }
-      }
-      if (nb > 0) AddRows<TIn>(acc, rows, batch, nb, hidden, col0, lane, p.vector_in);
-      if (p.vector_in) {
-        const int col = col0 + lane * kN;
-        if (col < hidden) {
-          if constexpr (std::is_same_v<TIn, TOut>) {
-            if (p.vector_out) {
-              *reinterpret_cast<int4*>(out + col) = Pack16<TOut>::Pack(acc);
-              continue;
-            }
-          }
-#pragma unroll
-          for (int q = 0; q < kN; ++q) out[col + q] = Num<TOut>::FromF(acc[q]);
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < kScalarCols; ++u) {
-          const int col = col0 + u * 32 + lane;
-          if (col < hidden) out[col] = Num<TOut>::FromF(acc[u]);
-        }
-      }
+      AddListed<TIn>(acc, rows, list, n, mine, max_experts, in_rows, hidden, col0, lane, p.vector_in);
+      StoreChunk<TIn, TOut>(out, acc, hidden, col0, lane, p.vector_in, p.vector_out);
     }
+    __syncwarp();  // The list is read by every lane before the next row overwrites it.
   }
 }
 

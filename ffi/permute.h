@@ -8,20 +8,15 @@
 
 #include <cstdint>
 
+#include "row_streams.h"
+
 namespace jmd {
 
 // Arrays a permute moves into permuted rows (rows, FP8 scales, ...), each [M, ...].
 inline constexpr int kMaxPermuteStreams = 4;
 
-struct PermuteStream {
-  const char* src;  // [M, ...] rows.
-  char* dst;        // [N, ...] permuted rows.
-  int32_t bytes;    // bytes of one row.
-  int32_t width;    // vector width in bytes (16, 8, 4, 2, 1); divides `bytes`.
-};
-
 struct PermuteParams {
-  PermuteStream rows[kMaxPermuteStreams];
+  RowStream rows[kMaxPermuteStreams];
   int32_t num_streams;
   const uint8_t* map;          // [M, L] bool: row i routed to local expert e.
   const char* probs;           // [M, L] probability of (row, expert).

@@ -12,6 +12,7 @@
 
 #include "handlers_internal.h"
 #include "permute.h"
+#include "row_stream_setup.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,36 +42,6 @@ ffi::ErrorOr<SumType> SumTypeOf(ffi::DataType type, const char* what) {
     case ffi::DataType::F16: return SumType::kF16;
     default: return ffi::Unexpected(Invalid(std::string(what) + " must be float32, bfloat16 or float16"));
   }
-}
-
-// The row streams: inputs [M, ...] into outputs [N, ...], same row bytes and dtype.
-ffi::Error SetUpStreams(PermuteParams& p, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_recv,
-                        int64_t num_rows) {
-  const int64_t n = static_cast<int64_t>(args.size());
-  if (n < 1 || n > kMaxPermuteStreams || static_cast<int64_t>(rets.size()) != n) {
-    return Invalid("a permute moves one to " + std::to_string(kMaxPermuteStreams) +
-                   " row arrays, one output each; arrays", n);
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    auto in = args.get<ffi::AnyBuffer>(k);
-    auto out = rets.get<ffi::AnyBuffer>(k);
-    if (!in.has_value()) return in.error();
-    if (!out.has_value()) return out.error();
-    const int64_t bytes = RowBytes(*in, 1);
-    if (in->dimensions().size() < 1 || in->dimensions()[0] != num_recv || (*out)->dimensions().size() < 1 ||
-        (*out)->dimensions()[0] != num_rows || RowBytes(**out, 1) != bytes ||
-        in->element_type() != (*out)->element_type()) {
-      return Invalid("permute rows " + std::to_string(k) + " must be [M, ...] in and [N, ...] out, same rows");
-    }
-    if (bytes > INT32_MAX / 2) return Invalid("rows over 1 GiB are not supported; row bytes", bytes);
-    PermuteStream& st = p.rows[k];
-    st.src = static_cast<const char*>(in->untyped_data());
-    st.dst = static_cast<char*>((*out)->untyped_data());
-    st.bytes = static_cast<int32_t>(bytes);
-    st.width = std::min(VectorWidth(bytes, st.src), VectorWidth(bytes, st.dst));
-  }
-  p.num_streams = static_cast<int32_t>(n);
-  return ffi::Error::Success();
 }
 
 ffi::Error PermuteImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer local_map, ffi::AnyBuffer local_probs,
@@ -118,7 +89,9 @@ ffi::Error PermuteImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer local
   if (!sms.has_value()) return sms.error();
 
   PermuteParams p{};
-  if (auto err = SetUpStreams(p, args, rets, num_recv, num_rows); err.failure()) return err;
+  auto num_streams = SetUpRowStreams("permute", args, rets, num_recv, "M", num_rows, kMaxPermuteStreams, p.rows);
+  if (!num_streams.has_value()) return num_streams.error();
+  p.num_streams = *num_streams;
   p.map = static_cast<const uint8_t*>(local_map.untyped_data());
   p.probs = static_cast<const char*>(local_probs.untyped_data());
   p.prob_bytes = static_cast<int32_t>(prob_bytes);

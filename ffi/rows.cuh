@@ -1,7 +1,9 @@
 // Device helpers shared by the kernels that move rows into and out of the
-// expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, row copies
-// and zeroing in vectors, the group of a permuted row, and float32 sums of rows
-// of float32 / bfloat16 / float16 elements (loads of a batch in flight together).
+// expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, the scan of
+// each expert's group, row copies and zeroing in vectors, the group of a permuted
+// row, and float32 sums of rows of float32 / bfloat16 / float16 elements: a warp
+// lists the rows to sum once, then sums them a column chunk at a time, the loads
+// of a batch in flight together.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "vectors.h"
 
@@ -46,6 +49,38 @@ __device__ int BlockExclusiveSum(int v, int* total) {
   *total = block_total;
   __syncthreads();  // warp_sums and block_total may be reused by the next call.
   return out;
+}
+
+// Rows per thread and round of ScanGroups: a round is one block scan.
+inline constexpr int kScanRows = 32;
+
+// For each local expert e (a block each; blockDim.x == kBlockThreads): the rank,
+// in row order, of every row i in [0, num_rows) that hit(i, e) accepts within e's
+// group, written to rank[i * num_local + e] (-1 for the rows it rejects), and the
+// group's size to count[e]. Each thread takes kScanRows consecutive rows a round.
+template <int kBlockThreads, typename Hit>
+__device__ void ScanGroups(int num_rows, int num_local, Hit hit, int32_t* rank, int32_t* count) {
+  for (int e = blockIdx.x; e < num_local; e += gridDim.x) {
+    int carry = 0;
+    for (int round = 0; round < num_rows; round += blockDim.x * kScanRows) {
+      const int first = round + threadIdx.x * kScanRows;
+      uint32_t hits = 0;
+#pragma unroll 8
+      for (int k = 0; k < kScanRows; ++k) {
+        const int i = first + k;
+        if (i < num_rows) hits |= static_cast<uint32_t>(hit(i, e)) << k;
+      }
+      int total;
+      int r = carry + BlockExclusiveSum<kBlockThreads>(__popc(hits), &total);
+      for (int k = 0; k < kScanRows && first + k < num_rows; ++k) {
+        const bool h = (hits >> k) & 1u;
+        rank[static_cast<int64_t>(first + k) * num_local + e] = h ? r : -1;
+        r += h;
+      }
+      carry += total;
+    }
+    if (threadIdx.x == 0) count[e] = carry;
+  }
 }
 
 // Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
@@ -174,6 +209,96 @@ __device__ __forceinline__ void AddRows(float* part, const T* base, const int (&
         const int col = col0 + u * 32 + lane;
         if (col < hidden) part[u] += Num<T>::ToF(src[col]);
       }
+    }
+  }
+}
+
+// Calls visit(row), in order, for each entry `row` of list[0, len) that keep(row)
+// accepts; `row` is the same in every lane (every lane must call).
+template <typename Keep, typename Visit>
+__device__ __forceinline__ void ForEachListed(const int32_t* list, int len, int lane, Keep keep, Visit visit) {
+  for (int j0 = 0; j0 < len; j0 += 32) {
+    const int row = j0 + lane < len ? __ldg(list + j0 + lane) : -1;
+    unsigned hits = __ballot_sync(0xffffffffu, keep(row));
+    while (hits != 0) {
+      visit(__shfl_sync(0xffffffffu, row, __ffs(hits) - 1));
+      hits &= hits - 1;
+    }
+  }
+}
+
+// ListRows' count when the rows do not fit a batch (AddListed reads the list again).
+inline constexpr int kTooMany = -1;
+
+// Lists, in order, the rows of list[0, len) that keep accepts into listed[0, n)
+// (kCombineBatch ints; lane 0 writes, so the warp syncs before reading them) and
+// returns n, or kTooMany when there are more than kCombineBatch.
+template <typename Keep>
+__device__ __forceinline__ int ListRows(const int32_t* list, int len, int lane, Keep keep, int* listed) {
+  int n = 0;
+  ForEachListed(list, len, lane, keep, [&](int row) {
+    if (lane == 0 && n < kCombineBatch) listed[n] = row;
+    ++n;
+  });
+  return n > kCombineBatch ? kTooMany : n;
+}
+
+// Adds to `part`, for the chunk of columns at col0, the rows ListRows listed (n of
+// them, in `listed`), in order: one batch, every load in flight before the first
+// add. When it returned kTooMany, the rows of list[0, len) that keep accepts, read
+// again, a batch at a time.
+template <typename T, typename Keep>
+__device__ __forceinline__ void AddListed(float* part, const T* base, const int* listed, int n, const int32_t* list,
+                                          int len, Keep keep, int hidden, int col0, int lane, bool vectorized) {
+  int batch[kCombineBatch] = {};
+  if (n != kTooMany) {
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (b < n) batch[b] = listed[b];
+    }
+    AddRows<T>(part, base, batch, n, hidden, col0, lane, vectorized);
+    return;
+  }
+  int nb = 0;
+  ForEachListed(list, len, lane, keep, [&](int row) {
+#pragma unroll
+    for (int b = 0; b < kCombineBatch; ++b) {
+      if (b == nb) batch[b] = row;
+    }
+    if (++nb == kCombineBatch) {
+      AddRows<T>(part, base, batch, nb, hidden, col0, lane, vectorized);
+      nb = 0;
+    }
+  });
+  if (nb > 0) AddRows<T>(part, base, batch, nb, hidden, col0, lane, vectorized);
+}
+
+// Rounds the float32 sums `acc` of the chunk at col0 (a chunk of TIn's, ChunkCols)
+// once to TOut and stores them into the row `out`: in 16-byte vectors when
+// vector_out (TOut == TIn, vector chunks, `out` aligned), else element by element.
+template <typename TIn, typename TOut>
+__device__ __forceinline__ void StoreChunk(TOut* out, const float* acc, int hidden, int col0, int lane, bool vector_in,
+                                           bool vector_out) {
+  constexpr int kN = Pack16<TIn>::kN;
+  if (vector_in) {
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) {
+      const int col = col0 + (u * 32 + lane) * kN;
+      if (col >= hidden) continue;
+      if constexpr (std::is_same_v<TIn, TOut>) {
+        if (vector_out) {
+          *reinterpret_cast<int4*>(out + col) = Pack16<TOut>::Pack(acc + u * kN);
+          continue;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kN; ++q) out[col + q] = Num<TOut>::FromF(acc[u * kN + q]);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kScalarCols; ++u) {
+      const int col = col0 + u * 32 + lane;
+      if (col < hidden) out[col] = Num<TOut>::FromF(acc[u]);
     }
   }
 }
