@@ -115,7 +115,9 @@ def _ws_products(x, w, dy, sizes, implementation_kwargs):
                                       **implementation_kwargs))(x, w)
   dx = jax.jit(lambda dy, w: mosaic.gmm(dy, w, gs, transpose_rhs=True, out_dtype=jnp.float32,
                                         cfg=cfg, **implementation_kwargs))(dy, w)
-  dw = jax.jit(lambda x, dy: mosaic.tgmm(x, dy, gs, out_dtype=jnp.float32, cfg=cfg,
+  # The two-consumer wgrad does not run under the interpreter: there, the one-consumer one.
+  wgrad_cfg = cfg if "interpret" not in implementation_kwargs else mosaic.TileConfig()
+  dw = jax.jit(lambda x, dy: mosaic.tgmm(x, dy, gs, out_dtype=jnp.float32, cfg=wgrad_cfg,
                                          **implementation_kwargs))(x, dy)
   return y, dx, dw
 

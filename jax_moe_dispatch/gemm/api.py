@@ -24,6 +24,7 @@ only store zeros, and the wgrad visits each group's own rows only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Literal, Optional
@@ -80,6 +81,9 @@ class _Plan:
     self.fwd_cfg = tile_config("fwd", k, m, x.dtype)
     self.dgrad_cfg = tile_config("dgrad", k, m, x.dtype)
     self.wgrad_cfg = tile_config("wgrad", k, m, x.dtype)
+    if implementation == "interpret" and self.wgrad_cfg.consumers == 2:
+      # The two-consumer wgrad does not run under the interpreter (mosaic._tgmm_ws).
+      self.wgrad_cfg = dataclasses.replace(self.wgrad_cfg, consumers=1)
     self.row_multiple = 128  # Inputs are padded to it: a multiple of every config's block_m, block_k.
     rows = num_rows + (-num_rows % self.row_multiple)
     if implementation == "xla":

@@ -614,16 +614,14 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   half band (the TMA engine reads zeros past the last column; consumer 1 stores
   nothing there). Empty groups store zeros.
   """
+  if interpret is not None:
+    raise NotImplementedError(
+        "The two-consumer wgrad does not run under Pallas's GPU interpreter (it did not finish "
+        "there). Fix: interpret a TileConfig with consumers=1.")
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
   num_rows, k = x.shape
   m = y.shape[1]
-  if interpret is not None and m % cta_n:
-    # The interpreter clamps a slice that runs past the end of y where the TMA engine
-    # reads zeros: give it a y that needs none.
-    y = jnp.pad(y, ((0, 0), (0, cta_n - m % cta_n)))
-    return _tgmm_ws(x, y, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
-                    interpret=interpret)[:, :, :m]
   num_groups = group_sizes.shape[0]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   epi_n = min(bn, 128 // out_dtype.itemsize)  # As in _gmm_ws: a 128-byte-wide staging tile.
@@ -664,11 +662,9 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
             x_ref.at[:, pl.ds(0, bm)], y_ref.at[:, pl.ds(0, cta_n)]),
         x_own=plgpu.SMEM((2, bk, bm), x.dtype, transforms=transforms(bm)),
         o_smem=plgpu.SMEM((2, bm, epi_n), out_dtype),
-        # The interpreter has no transposed wgmma operands: it multiplies a transposed copy.
-        x_t=plgpu.SMEM((2, bm, bk), x.dtype) if interpret is not None else None,
         collective_axes="wg",
     )
-    def _scope(allocs, x_own, o_smem, x_t):
+    def _scope(allocs, x_own, o_smem):
       @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
       def _item(info):
         idx = info.index[0]
@@ -706,20 +702,16 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
           @pl.when(edge)
           def _mask_other_groups_rows():
             plgpu.wgmma_wait(0)  # The previous step's product may still read x_own[wg].
-            rows_x = _rows_iota((bk, bm), row0, interpret)
+            rows_x = _rows_iota((bk, bm), row0, None)
             x_own[wg] = jnp.where((rows_x >= start) & (rows_x < end), x_smem[...],
                                   jnp.zeros((), x_smem.dtype))
-            rows_y = _rows_iota((bk, bn), row0, interpret)
+            rows_y = _rows_iota((bk, bn), row0, None)
             y_cols[...] = jnp.where((rows_y >= start) & (rows_y < end), y_cols[...],
                                     jnp.zeros((), y_smem.dtype))
             plgpu.commit_smem()
 
           def product(a_ref):
-            if interpret is None:
-              plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), y_cols)
-            else:
-              x_t[wg] = a_ref[...].T
-              plgpu.wgmma(acc_ref, x_t.at[wg], y_cols)
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), y_cols)
 
           pl.when(edge)(lambda: product(x_own.at[wg]))
           pl.when(~edge)(lambda: product(x_smem))

@@ -5,7 +5,8 @@ One default per product (``"fwd"``: ``x @ w``, ``"dgrad"``: ``dy @ w.T``,
 ``(K, M)`` match. The defaults use two consumer warpgroups
 (``consumers=2``, ``2 x block_n`` columns per tile) wherever the output width
 is a multiple of ``2 x block_n`` or wide enough that a last half-width band
-wastes little (at least 1024 columns, e.g. 1408), else one. The rows come
+wastes little (at least 1024 columns, e.g. 1408), else one; the wgrad uses two
+from ``K = 4096`` on (its output is ``[K, M]`` per group). The rows come
 from sweeps of band width (``grid_block_n``), pipeline depth and consumers on
 an H200; add a row for a shape that the default serves badly. Every config
 must keep ``block_m`` and ``block_k`` divisors of 128 (inputs are padded to a
@@ -35,6 +36,13 @@ _ONE_CONSUMER = {
     "dgrad": TileConfig(block_m=128, block_n=128, block_k=64, steps=6, grid_block_n=4),
 }
 
+# The wgrad's output tiles are [K, M] per group: from K = 4096 on, the two-consumer wgrad
+# wins (H200, skewed groups, 2026-11-24: 1209 -> 1158 us at K=4096, M=1408 and 3345 -> 3003 us
+# at K=7168, M=2048), below it loses (145 -> 153 us at K=2048, M=1024). Three stages fill its
+# shared memory (x, dy, each consumer's masked x copy, the output staging).
+_WS_WGRAD_MIN_K = 4096
+_WS_WGRAD = TileConfig(block_m=128, block_n=128, block_k=64, steps=3, consumers=2)
+
 # (product, K, M) of x [N, K] @ w [G, K, M] -> TileConfig. From the H200 sweeps of
 # 2026-11-23 (skewed groups; BENCHMARKS.md).
 _BY_SHAPE: dict[tuple[str, int, int], TileConfig] = {
@@ -48,6 +56,8 @@ def tile_config(product: str, k: int, m: int, dtype) -> TileConfig:
   del dtype  # bf16 and f16 share tiles.
   if (product, k, m) in _BY_SHAPE:
     return _BY_SHAPE[(product, k, m)]
+  if product == "wgrad" and k >= _WS_WGRAD_MIN_K:
+    return _WS_WGRAD
   cfg = DEFAULT[product]
   out_cols = k if product == "dgrad" else m
   if (cfg.consumers > 1 and out_cols % (cfg.block_n * cfg.consumers)
