@@ -202,8 +202,8 @@ def _mma(acc_ref, a_ref, b_ref, *, transpose_a: bool, transpose_b: bool, interpr
   the product is unchanged).
   """
   if interpret is None:
-    a = plgpu.transpose_ref(a_ref, (1, 0)) if transpose_a else a_ref
-    b = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
+    a = a_ref.transpose((1, 0)) if transpose_a else a_ref
+    b = b_ref.transpose((1, 0)) if transpose_b else b_ref
     plgpu.wgmma(acc_ref, a, b)
     return
 
@@ -568,7 +568,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
           cols = pl.ds(wg * bn, bn)
           w_cols = w_smem.at[cols] if transpose_rhs else w_smem.at[:, cols]
           plgpu.wgmma(acc_ref, x_smem,
-                      plgpu.transpose_ref(w_cols, (1, 0)) if transpose_rhs else w_cols)
+                      w_cols.transpose((1, 0)) if transpose_rhs else w_cols)
           plgpu.wgmma_wait(1)
           return acc_ref
 
@@ -711,7 +711,7 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
             plgpu.commit_smem()
 
           def product(a_ref):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_ref, (1, 0)), y_cols)
+            plgpu.wgmma(acc_ref, a_ref.transpose((1, 0)), y_cols)
 
           pl.when(edge)(lambda: product(x_own.at[wg]))
           pl.when(~edge)(lambda: product(x_smem))
