@@ -464,6 +464,32 @@ def _store_rows(src, dst, lo, hi, block_m: int) -> None:
     piece //= 2
 
 
+def _store_consumer_tile(tile, o_smem, wg, copy, *, block_n: int, has_columns=None) -> None:
+  """Stores a consumer warpgroup's ``[block_m, block_n]`` tile through its staging tile.
+
+  ``tile`` is the registers' values (``None``: zeros, staged once for every
+  slice); ``o_smem[wg]`` takes 128 bytes of columns at a time and ``copy(src,
+  j)`` issues the TMA store of slice ``j`` from it. ``has_columns``: whether
+  this consumer has columns to store at all (``None``: always), false for the
+  second consumer of a last, half-width band.
+  """
+  epi_n = o_smem.shape[-1]
+
+  def slices():
+    for j in range(block_n // epi_n):
+      if tile is not None or not j:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
+        o_smem[wg] = (jnp.zeros(o_smem.shape[1:], o_smem.dtype) if tile is None
+                      else tile[:, j * epi_n:(j + 1) * epi_n])
+        plgpu.commit_smem()
+      copy(o_smem.at[wg], j)
+
+  if has_columns is None:
+    slices()
+  else:
+    pl.when(has_columns)(slices)
+
+
 def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
            out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
            interpret: Any = None) -> jax.Array:
@@ -549,20 +575,12 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
         def store(tile) -> None:
           """This consumer's ``[bm, bn]`` tile (``None``: zeros), rows ``[lo, hi)`` only."""
-          if m % cta_n:  # Consumer 1 of the last, half band has no columns to store.
-            pl.when(ni * cta_n + wg * bn < m)(lambda: store_columns(tile))
-          else:
-            store_columns(tile)
-
-        def store_columns(tile) -> None:
-          for j in range(bn // epi_n):
-            if tile is not None or not j:  # Zeros are staged once for every slice.
-              plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
-              o_smem[wg] = (jnp.zeros((bm, epi_n), out_dtype) if tile is None
-                            else tile[:, j * epi_n:(j + 1) * epi_n])
-              plgpu.commit_smem()
+          def copy(src, j):
             col = ni * cta_n + wg * bn + j * epi_n
-            _store_rows(o_smem.at[wg], o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
+            _store_rows(src, o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
+
+          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn,
+                               has_columns=ni * cta_n + wg * bn < m if m % cta_n else None)
 
         def step(_, x_smem, w_smem, acc_ref):
           cols = pl.ds(wg * bn, bn)
@@ -676,21 +694,12 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
 
         def store(tile) -> None:
           """This consumer's ``[bm, bn]`` tile (``None``: zeros)."""
-          if m % cta_n:  # Consumer 1 of the last, half band has no columns to store.
-            pl.when(ni * cta_n + wg * bn < m)(lambda: store_columns(tile))
-          else:
-            store_columns(tile)
-
-        def store_columns(tile) -> None:
-          for j in range(bn // epi_n):
-            if tile is not None or not j:  # Zeros are staged once for every slice.
-              plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
-              o_smem[wg] = (jnp.zeros((bm, epi_n), out_dtype) if tile is None
-                            else tile[:, j * epi_n:(j + 1) * epi_n])
-              plgpu.commit_smem()
+          def copy(src, j):
             col = ni * cta_n + wg * bn + j * epi_n
-            plgpu.copy_smem_to_gmem(o_smem.at[wg],
-                                    o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(col, epi_n)])
+            plgpu.copy_smem_to_gmem(src, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(col, epi_n)])
+
+          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn,
+                               has_columns=ni * cta_n + wg * bn < m if m % cta_n else None)
 
         def step(idx_k, x_smem, y_smem, acc_ref):
           i = idx_k[0]
@@ -727,8 +736,8 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
         @pl.when(steps > 0)
         def _product():
           pipeline(step, context, first, steps)(x_ref.at[:, pl.ds(mi * bm, bm)],
-                                         y_ref.at[:, pl.ds(ni * cta_n, cta_n)],
-                                         allocations=allocs)
+                                                y_ref.at[:, pl.ds(ni * cta_n, cta_n)],
+                                                allocations=allocs)
 
         @pl.when((steps == 0) & (wg < 2))
         def _empty_group():
@@ -736,6 +745,6 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, interpret,
+  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, None,
                               num_threads=3, thread_name="wg")
   return kernel(starts, ends, first_block, num_steps, x, y)
