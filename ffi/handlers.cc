@@ -49,6 +49,17 @@ ffi::Error Invalid(const std::string& what, int64_t value) {
   return Invalid(what + ", got " + std::to_string(value));
 }
 
+ffi::ErrorOr<Dtype> DtypeOf(ffi::DataType type, const std::string& what) {
+  switch (type) {
+    case ffi::DataType::F32: return Dtype::kF32;
+    case ffi::DataType::BF16: return Dtype::kBF16;
+    case ffi::DataType::F16: return Dtype::kF16;
+    default:
+      return ffi::Unexpected(Invalid(what + " must be float32, bfloat16 or float16; XLA type",
+                                     static_cast<int64_t>(type)));
+  }
+}
+
 ffi::Error CudaFailure(const char* what, cudaError_t err) {
   return ffi::Error::Internal(std::string("jax_moe_dispatch: ") + what + ": " + cudaGetErrorName(err) +
                               " (" + cudaGetErrorString(err) + ")");
@@ -365,14 +376,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis_index
   if (rows_dims[0] > INT32_MAX) return Invalid("combine rows [M, H] need M < 2^31; M", rows_dims[0]);
   if (rows_dims[1] > INT32_MAX / 4) return Invalid("combine rows [M, H] need rows under 2 GiB; H", rows_dims[1]);
   CombineParams p{};
-  switch (rows.element_type()) {
-    case ffi::DataType::F32: p.dtype = Dtype::kF32; break;
-    case ffi::DataType::BF16: p.dtype = Dtype::kBF16; break;
-    case ffi::DataType::F16: p.dtype = Dtype::kF16; break;
-    default:
-      return Invalid("combine rows must be float32, bfloat16 or float16; XLA type",
-                     static_cast<int64_t>(rows.element_type()));
-  }
+  auto dtype = DtypeOf(rows.element_type(), "combine rows");
+  if (!dtype.has_value()) return dtype.error();
+  p.dtype = *dtype;
   if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]; length", dest_offset.dimensions()[0]);
   auto m = Find(device, ranks, stream);
   if (!m.has_value()) return m.error();

@@ -24,6 +24,10 @@ inline constexpr int64_t kMaxBlocks = 1 << 16;
 xla::ffi::Error Invalid(const std::string& msg);
 xla::ffi::Error Invalid(const std::string& what, int64_t value);
 
+// The Dtype of a float32 / bfloat16 / float16 buffer, or InvalidArgument naming `what`
+// and the XLA type.
+xla::ffi::ErrorOr<Dtype> DtypeOf(xla::ffi::DataType type, const std::string& what);
+
 // Internal error naming the failed CUDA call `what`.
 xla::ffi::Error CudaFailure(const char* what, cudaError_t err);
 

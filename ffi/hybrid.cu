@@ -100,24 +100,7 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
   int* start = groups;
   int* count = groups + num_local + 1;
   if (kFresh) {
-    int carry = 0;
-    for (int base = 0; base < num_local; base += blockDim.x) {
-      const int e = base + threadIdx.x;
-      const int c = e < num_local ? p.counts[e] : 0;
-      const int padded = (c + p.pad_multiple - 1) / p.pad_multiple * p.pad_multiple;
-      int total;
-      const int s = carry + BlockExclusiveSum<kThreads>(padded, &total);
-      if (e < num_local) {
-        start[e] = s;
-        count[e] = c;
-        if (blockIdx.x == 0) {
-          p.tokens_per_expert[e] = min(max(s + padded, 0), num_rows) - min(max(s, 0), num_rows);
-        }
-      }
-      carry += total;
-    }
-    if (threadIdx.x == 0) start[num_local] = carry;
-    __syncthreads();
+    PadGroups<kThreads>(p.counts, num_local, p.pad_multiple, num_rows, start, count, p.tokens_per_expert);
   }
   const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
   const int warp = blockIdx.x * kWarps + warp_in_block;

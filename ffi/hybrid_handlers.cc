@@ -206,12 +206,9 @@ ffi::Error HybridCombineImpl(cudaStream_t stream, int32_t device, S32Scalar axis
     return Invalid("hybrid combine takes rows [N, H] and returns [T, H] of the same dtype");
   }
   HybridCombineParams p{};
-  switch (rows.element_type()) {
-    case ffi::DataType::F32: p.dtype = Dtype::kF32; break;
-    case ffi::DataType::BF16: p.dtype = Dtype::kBF16; break;
-    case ffi::DataType::F16: p.dtype = Dtype::kF16; break;
-    default: return Invalid("hybrid combine rows must be float32, bfloat16 or float16");
-  }
+  auto dtype = DtypeOf(rows.element_type(), "hybrid combine rows");
+  if (!dtype.has_value()) return dtype.error();
+  p.dtype = *dtype;
   if (dest_offset.dimensions()[0] != ranks) return Invalid("dest_offset must be [R]");
   if (rows_dims[0] > INT32_MAX || rows_dims[1] > INT32_MAX) return Invalid("too many rows");
   auto m = Find(device, ranks, stream);

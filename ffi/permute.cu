@@ -76,22 +76,7 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
   const int num_local = p.num_local, num_rows = p.num_rows, max_experts = p.max_experts;
   int* start = groups;
   int* count = groups + num_local + 1;
-  int carry = 0;
-  for (int base = 0; base < num_local; base += blockDim.x) {
-    const int e = base + threadIdx.x;
-    const int c = e < num_local ? p.counts[e] : 0;
-    const int padded = (c + p.pad_multiple - 1) / p.pad_multiple * p.pad_multiple;
-    int total;
-    const int s = carry + BlockExclusiveSum<kPermuteThreads>(padded, &total);
-    if (e < num_local) {
-      start[e] = s;
-      count[e] = c;
-      if (blockIdx.x == 0) p.tokens_per_expert[e] = min(max(s + padded, 0), num_rows) - min(max(s, 0), num_rows);
-    }
-    carry += total;
-  }
-  if (threadIdx.x == 0) start[num_local] = carry;
-  __syncthreads();
+  PadGroups<kPermuteThreads>(p.counts, num_local, p.pad_multiple, num_rows, start, count, p.tokens_per_expert);
 
   const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
   const int warp = blockIdx.x * kPermuteWarps + warp_in_block;
@@ -188,9 +173,9 @@ __global__ void __launch_bounds__(kPermuteThreads) UnpermuteKernel(const __grid_
 template <typename TIn>
 cudaError_t LaunchUnpermuteFrom(const UnpermuteParams& p, int grid, cudaStream_t stream) {
   switch (p.out_type) {
-    case SumType::kF32: UnpermuteKernel<TIn, float><<<grid, kPermuteThreads, 0, stream>>>(p); break;
-    case SumType::kBF16: UnpermuteKernel<TIn, __nv_bfloat16><<<grid, kPermuteThreads, 0, stream>>>(p); break;
-    case SumType::kF16: UnpermuteKernel<TIn, __half><<<grid, kPermuteThreads, 0, stream>>>(p); break;
+    case Dtype::kF32: UnpermuteKernel<TIn, float><<<grid, kPermuteThreads, 0, stream>>>(p); break;
+    case Dtype::kBF16: UnpermuteKernel<TIn, __nv_bfloat16><<<grid, kPermuteThreads, 0, stream>>>(p); break;
+    case Dtype::kF16: UnpermuteKernel<TIn, __half><<<grid, kPermuteThreads, 0, stream>>>(p); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -223,9 +208,9 @@ cudaError_t LaunchUnpermute(const UnpermuteParams& p, int num_sms, cudaStream_t 
   if (p.num_recv == 0) return cudaSuccess;
   const int grid = RowGrid(p.num_recv, num_sms);
   switch (p.in_type) {
-    case SumType::kF32: return LaunchUnpermuteFrom<float>(p, grid, stream);
-    case SumType::kBF16: return LaunchUnpermuteFrom<__nv_bfloat16>(p, grid, stream);
-    case SumType::kF16: return LaunchUnpermuteFrom<__half>(p, grid, stream);
+    case Dtype::kF32: return LaunchUnpermuteFrom<float>(p, grid, stream);
+    case Dtype::kBF16: return LaunchUnpermuteFrom<__nv_bfloat16>(p, grid, stream);
+    case Dtype::kF16: return LaunchUnpermuteFrom<__half>(p, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }

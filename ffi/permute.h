@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "kernels.h"
 #include "row_streams.h"
 
 namespace jmd {
@@ -42,8 +43,6 @@ struct PermuteParams {
 // once, into each of them; padding rows are zeroed. `num_sms` sizes the grids.
 cudaError_t LaunchPermute(const PermuteParams& p, int num_sms, cudaStream_t stream);
 
-enum class SumType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
 struct UnpermuteParams {
   const void* rows;            // [N, H] permuted rows.
   const int32_t* expert_rows;  // [M, K] rows to sum per output row (outside [0, N): skipped).
@@ -52,7 +51,7 @@ struct UnpermuteParams {
   int32_t num_rows;            // N
   int32_t max_experts;         // K
   int32_t hidden;              // H, elements per row.
-  SumType in_type, out_type;
+  Dtype in_type, out_type;
   bool vector_in;              // rows are read in 16-byte vectors (alignment and H allow it).
   bool vector_out;             // out is written in 16-byte vectors (same type as rows).
 };

@@ -35,15 +35,6 @@ ffi::ErrorOr<int> DeviceSms(int32_t device) {
   return std::max(sms, 1);
 }
 
-ffi::ErrorOr<SumType> SumTypeOf(ffi::DataType type, const char* what) {
-  switch (type) {
-    case ffi::DataType::F32: return SumType::kF32;
-    case ffi::DataType::BF16: return SumType::kBF16;
-    case ffi::DataType::F16: return SumType::kF16;
-    default: return ffi::Unexpected(Invalid(std::string(what) + " must be float32, bfloat16 or float16"));
-  }
-}
-
 ffi::Error PermuteImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer local_map, ffi::AnyBuffer local_probs,
                        ffi::RemainingArgs args, ffi::Result<S32Matrix> perm_row, ffi::Result<S32Vector> src_row,
                        ffi::Result<S32Vector> tokens_per_expert, ffi::Result<S32Matrix> expert_rows,
@@ -119,9 +110,9 @@ ffi::Error UnpermuteImpl(cudaStream_t stream, int32_t device, S32Matrix expert_r
   if (rows_dims.size() != 2 || out_dims.size() != 2 || out_dims[0] != num_recv || out_dims[1] != rows_dims[1]) {
     return Invalid("unpermute takes rows [N, H] and expert_rows [M, K] and returns [M, H]");
   }
-  auto in_type = SumTypeOf(rows.element_type(), "unpermute rows");
+  auto in_type = DtypeOf(rows.element_type(), "unpermute rows");
   if (!in_type.has_value()) return in_type.error();
-  auto out_type = SumTypeOf(out->element_type(), "unpermute's output");
+  auto out_type = DtypeOf(out->element_type(), "unpermute's output");
   if (!out_type.has_value()) return out_type.error();
   if (rows_dims[0] > INT32_MAX || rows_dims[1] > INT32_MAX || num_recv > INT32_MAX || max_experts > INT32_MAX) {
     return Invalid("too many rows to unpermute; N", rows_dims[0]);

@@ -83,6 +83,33 @@ __device__ void ScanGroups(int num_rows, int num_local, Hit hit, int32_t* rank, 
   }
 }
 
+// The padded expert-major layout from the groups' sizes (every block computes it;
+// blockDim.x == kBlockThreads): start[e] = first permuted row of group e, each group
+// padded to a multiple of pad_multiple, start[num_local] = the padded total, and
+// count[e] = counts[e] (start and count in shared memory). Block 0 also writes
+// tokens_per_expert[e], the group's padded rows that fall inside [0, num_rows).
+// Ends with a barrier.
+template <int kBlockThreads>
+__device__ void PadGroups(const int32_t* counts, int num_local, int pad_multiple, int num_rows, int* start,
+                          int* count, int32_t* tokens_per_expert) {
+  int carry = 0;
+  for (int base = 0; base < num_local; base += blockDim.x) {
+    const int e = base + threadIdx.x;
+    const int c = e < num_local ? counts[e] : 0;
+    const int padded = (c + pad_multiple - 1) / pad_multiple * pad_multiple;
+    int total;
+    const int s = carry + BlockExclusiveSum<kBlockThreads>(padded, &total);
+    if (e < num_local) {
+      start[e] = s;
+      count[e] = c;
+      if (blockIdx.x == 0) tokens_per_expert[e] = min(max(s + padded, 0), num_rows) - min(max(s, 0), num_rows);
+    }
+    carry += total;
+  }
+  if (threadIdx.x == 0) start[num_local] = carry;
+  __syncthreads();
+}
+
 // Stores one row (read once, in vectors of W bytes) into `n` rows of `dst`.
 template <int W>
 __device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, int n, int lane) {
