@@ -135,6 +135,44 @@ def _bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ends - sizes, ends
 
 
+def _group_blocks(group_sizes: jax.Array, block: int):
+  """``(starts, ends, first block, row blocks)`` of every group (int32): the blocks of
+  ``block`` rows that hold its rows, from ``first block`` on; 0 blocks for an empty group."""
+  starts, ends = _bounds(group_sizes)
+  first = starts // block
+  num_blocks = jnp.where(ends > starts, pl.cdiv(ends, block) - first, 0)
+  return starts, ends, first.astype(jnp.int32), num_blocks.astype(jnp.int32)
+
+
+def _swizzled(minor: int, dtype) -> tuple:
+  """Shared-memory transforms of a tile with ``minor`` columns of ``dtype``: tiled and
+  swizzled, as TMA writes them and ``wgmma`` reads them (transposed too)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _staging_cols(block_n: int, out_dtype) -> int:
+  """Columns of a consumer's staging tile: 128 bytes wide (64 columns of a 16-bit output,
+  32 of a float32 one), so that the pipeline's stages still fit in shared memory."""
+  return min(block_n, 128 // jnp.dtype(out_dtype).itemsize)
+
+
+def _ws_pipeline(step, context, *, grid, in_specs, cfg: TileConfig):
+  """The warp-specialised pipeline of both two-consumer kernels: warpgroup 2 (axis
+  ``"wg"``) streams ``in_specs`` through ``cfg.steps`` stages for consumers 0 and 1."""
+  return plgpu.emit_pipeline_warp_specialized(
+      step,
+      grid=grid,
+      memory_registers=40,
+      in_specs=in_specs,
+      wg_axis="wg",
+      num_compute_wgs=2,
+      max_concurrent_steps=cfg.steps,
+      compute_context=context,
+  )
+
+
 def _group_of(ends: jax.Array, rows: jax.Array) -> jax.Array:
   """How many of the sorted ``ends`` are <= each of ``rows`` (int32).
 
@@ -334,14 +372,8 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   grid_m, grid_n = k // bm, m // bn
-  starts, ends = _bounds(group_sizes)
-  first_block = starts // bk
-  num_steps = jnp.where(ends > starts, pl.cdiv(ends, bk) - first_block, 0).astype(jnp.int32)
-  itemsize = jnp.dtype(x.dtype).itemsize
-
-  def transforms(minor: int):  # Swizzled tiles, so that wgmma can read them transposed.
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+  starts, ends, first_block, num_steps = _group_blocks(group_sizes, bk)
+  transforms = functools.partial(_swizzled, dtype=x.dtype)
 
   def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
     @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
@@ -396,7 +428,7 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, interpret)
-  return kernel(starts, ends, first_block.astype(jnp.int32), num_steps, x, y)
+  return kernel(starts, ends, first_block, num_steps, x, y)
 
 
 def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
@@ -519,9 +551,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  # Each consumer stores through a 128-byte-wide staging tile: 64 columns of a 16-bit
-  # output, 32 of a float32 one (so that steps=4 still fits in shared memory).
-  epi_n = min(bn, 128 // out_dtype.itemsize)
+  epi_n = _staging_cols(bn, out_dtype)
   num_groups = group_sizes.shape[0]
   # An output width that is an odd multiple of block_n ends in a half band: its w tile
   # runs past the last column (the TMA engine reads zeros there) and consumer 1 stores
@@ -529,26 +559,15 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   grid_n = pl.cdiv(m, cta_n)
   groups, blocks, los, his = _pair_plan(group_sizes, num_rows, bm)
   num_items = groups.shape[0]
-  itemsize = jnp.dtype(x.dtype).itemsize
-  swizzle = plgpu.find_swizzle(bk * itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+  transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
-    return plgpu.emit_pipeline_warp_specialized(
-        step,
-        grid=(k // bk,),
-        memory_registers=40,
-        in_specs=[
-            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms, delay_release=1),
-            plgpu.BlockSpec((cta_n, bk) if transpose_rhs else (bk, cta_n),
-                            (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
-                            transforms=transforms, delay_release=1),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=cfg.steps,
-        compute_context=context,
-    )
+    return _ws_pipeline(step, context, grid=(k // bk,), cfg=cfg, in_specs=[
+        plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms, delay_release=1),
+        plgpu.BlockSpec((cta_n, bk) if transpose_rhs else (bk, cta_n),
+                        (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
+                        transforms=transforms, delay_release=1),
+    ])
 
   def body(group_ref, block_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
@@ -642,33 +661,18 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   m = y.shape[1]
   num_groups = group_sizes.shape[0]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  epi_n = min(bn, 128 // out_dtype.itemsize)  # As in _gmm_ws: a 128-byte-wide staging tile.
+  epi_n = _staging_cols(bn, out_dtype)
   grid_m, grid_n = k // bm, pl.cdiv(m, cta_n)
-  starts, ends = _bounds(group_sizes)
-  first_block = (starts // bk).astype(jnp.int32)
-  num_steps = jnp.where(ends > starts, pl.cdiv(ends, bk) - first_block, 0).astype(jnp.int32)
-  itemsize = jnp.dtype(x.dtype).itemsize
-
-  def transforms(minor: int):  # Swizzled tiles, so that wgmma can read them transposed.
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+  starts, ends, first_block, num_steps = _group_blocks(group_sizes, bk)
+  transforms = functools.partial(_swizzled, dtype=x.dtype)
 
   def pipeline(step, context, first, steps):
     """The item's pipeline over its group's ``steps`` row blocks from block ``first``."""
     rows = lambda kk: (first + kk, 0)
-    return plgpu.emit_pipeline_warp_specialized(
-        step,
-        grid=(steps,),
-        memory_registers=40,
-        in_specs=[
-            plgpu.BlockSpec((bk, bm), rows, transforms=transforms(bm), delay_release=1),
-            plgpu.BlockSpec((bk, cta_n), rows, transforms=transforms(cta_n), delay_release=1),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=cfg.steps,
-        compute_context=context,
-    )
+    return _ws_pipeline(step, context, grid=(steps,), cfg=cfg, in_specs=[
+        plgpu.BlockSpec((bk, bm), rows, transforms=transforms(bm), delay_release=1),
+        plgpu.BlockSpec((bk, cta_n), rows, transforms=transforms(cta_n), delay_release=1),
+    ])
 
   def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
     wg = jax.lax.axis_index("wg")
