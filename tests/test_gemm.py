@@ -173,32 +173,44 @@ def test_mosaic_refuses_with_the_fix():
     grouped_matmul(x, w, jnp.array([30, 34], jnp.int32), implementation="mosaic")
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_work_items_cover_every_row_once_zero_items_first(seed):
-  """The two-consumer gmm's plan: each row of the output is in exactly one item, of its own
-  group (or of the past-the-end group G), zero-only items first."""
+@pytest.mark.parametrize("seed", range(8))
+def test_work_items_cover_every_row_once(seed):
+  """The two-consumer gmm's plan: each row up to the first all-zero block is in exactly one
+  item, of its own group (or of the past-the-end group G); each all-zero block is in exactly
+  one item's zero run, and the runs are spread over the used items (at least one per SM)."""
   rng = np.random.default_rng(seed)
   block_m, num_groups = 128, int(rng.integers(1, 9))
-  num_rows = block_m * int(rng.integers(1, 40))
-  # Half the seeds leave most rows past the groups (zero items outnumber the others).
-  total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1))
+  num_blocks = int(rng.integers(1, 40))
+  num_rows = block_m * num_blocks
+  num_bands, num_sms = int(rng.integers(1, 9)), int(rng.integers(1, 140))
+  # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
+  total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  groups, blocks, los, his = (np.asarray(a) for a in mosaic._pair_plan(
-      jnp.asarray(sizes, jnp.int32), num_rows, block_m))
+  groups, blocks, los, his, zlos, zhis = (np.asarray(a) for a in mosaic._pair_plan(
+      jnp.asarray(sizes, jnp.int32), num_rows, block_m, num_bands, num_sms))
+  zero_from = -(-total // block_m)
   owner = np.full(num_rows, -1)
   for g, b, lo, hi in zip(groups, blocks, los, his):
     assert 0 <= lo <= hi <= block_m
     rows = slice(b * block_m + lo, b * block_m + hi)
     assert (owner[rows] == -1).all(), "a row is in two items"
     owner[rows] = g
-  want = np.repeat(np.arange(num_groups + 1), list(sizes) + [num_rows - sizes.sum()])
-  np.testing.assert_array_equal(owner, want)
+  want = np.repeat(np.arange(num_groups + 1), list(sizes) + [zero_from * block_m - total])
+  np.testing.assert_array_equal(owner[:zero_from * block_m], want)
+  assert (owner[zero_from * block_m:] == -1).all(), "all-zero blocks are no items"
   used = his > los
   assert not used[used.sum():].any(), "unused items must come last"
-  is_zero = (groups == num_groups)[used]
-  assert not is_zero[is_zero.sum():].any(), "zero-only items come first"
   real_blocks = blocks[used & (groups < num_groups)]
   assert (np.diff(real_blocks) >= 0).all(), "items with products stay in row order"
+  zero_owner = np.zeros(num_blocks, int)
+  for zlo, zhi in zip(zlos, zhis):
+    assert zero_from <= zlo <= zhi <= num_blocks
+    zero_owner[zlo:zhi] += 1
+  np.testing.assert_array_equal(zero_owner, np.arange(num_blocks) >= zero_from)
+  spread = max(used.sum(), min(len(groups), -(-num_sms // num_bands)))
+  runs = zhis - zlos
+  assert not runs[spread:].any()
+  assert np.ptp(runs[:spread]) <= 1, "runs are even"
 
 
 def test_argument_errors():

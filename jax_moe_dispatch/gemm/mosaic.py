@@ -13,7 +13,8 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
     (group, row block) pairs: a block that straddles groups is one item per
     group, each computing the block and storing only its group's rows
     (power-of-two TMA pieces), so garbage in other rows cannot leak in. Rows
-    past ``sum(group_sizes)`` are items that only store zeros.
+    past ``sum(group_sizes)`` get zero stores that the items issue ahead of
+    their products, so they overlap the multiplications.
   - 1: one warpgroup per tile. A block that lies inside one group is one
     pipeline; a block that straddles groups runs one pipeline per group it
     touches and keeps, for each, only that group's rows (a select). Blocks
@@ -431,25 +432,34 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   return kernel(starts, ends, first_block, num_steps, x, y)
 
 
-def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
+def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
+               num_sms: int):
   """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
 
-  The rows past ``sum(group_sizes)`` form one more group, numbered ``G``, whose
-  items only store zeros. Items come in row order; there are at most
-  ``num_blocks + G`` of them (each group boundary splits one block in two),
-  the unused ones have an empty row range. Returns ``(group, block, lo, hi)``
-  per item, int32: rows ``[lo, hi)`` of block ``block`` (block-relative).
+  The rows past ``sum(group_sizes)`` up to the next block boundary form one
+  more group, numbered ``G``, whose one item only stores zeros. Items come in
+  row order; there are at most ``num_blocks + G`` of them (each group boundary
+  splits one block in two), the unused ones last with an empty row range.
 
-  The zero items come first (:func:`_zero_items_first`): every SM then stores
-  zeros at the full write bandwidth before its products. Measured on an H200
-  (16384 real of 65536 rows, 2048 x 1024): zeros last 170 us, zeros first
-  144 us, zeros spread evenly among the products 300 us (not yet explained),
-  against 116 us without padding rows (kernel times from a profiler trace).
+  The blocks past that (all rows past the sum) are not items: item ``p``
+  also stores zeros into blocks ``[zlo[p], zhi[p])`` of its band, before its
+  product. They are spread evenly over the used items (over at least
+  ``ceil(num_sms / num_bands)`` items, so that every SM takes a share when
+  there are few products), so the zero stores run in the background of the
+  products instead of after them. Measured on an H200 (16384 real of 65536
+  rows, 2048 x 1024, kernel times from a profiler trace): zeros as items of
+  their own, first 144 us, last 170 us, against 116 us without padding rows.
+
+  Returns ``(group, block, lo, hi, zlo, zhi)`` per item, int32: rows
+  ``[lo, hi)`` of block ``block`` (block-relative), zero blocks
+  ``[zlo, zhi)``.
   """
   num_groups = group_sizes.shape[0]
   num_blocks = num_rows // block_m
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
-  ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+  total = ends[-1]
+  zero_from = pl.cdiv(total, block_m)  # The first block with no row of any group.
+  ends = jnp.concatenate([ends, (zero_from * block_m)[None]])
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   first = starts // block_m
   count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
@@ -463,20 +473,13 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   lo = jnp.where(used, jnp.maximum(starts[g], row0) - row0, 0)
   hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
   block = jnp.where(used, block, 0)
-  order = _zero_items_first(item_end[-1], count[num_groups], num_items)
-  return tuple(a[order].astype(jnp.int32) for a in (g, block, lo, hi))
-
-
-def _zero_items_first(num_used: jax.Array, num_zero: jax.Array, num_items: int) -> jax.Array:
-  """Item order with the ``num_zero`` zero-only items first, then the others in row order.
-
-  In row order the zero items are ``[used - zero, used)``; ``order[q]`` is the
-  item at position ``q``; unused items stay last.
-  """
-  q = jnp.arange(num_items, dtype=jnp.int32)
-  num_real = num_used - num_zero
-  src = jnp.where(q < num_zero, num_real + q, q - num_zero)
-  return jnp.where(q < num_used, src, q)
+  # Zero blocks [zero_from, num_blocks), split into near-equal runs over `spread` items.
+  spread = jnp.maximum(item_end[-1], min(num_items, -(-num_sms // num_bands)))
+  per, extra = divmod(num_blocks - zero_from, spread)
+  spreads = p < spread
+  zlo = jnp.where(spreads, zero_from + p * per + jnp.minimum(p, extra), num_blocks)
+  zhi = jnp.where(spreads, zlo + per + (p < extra), num_blocks)
+  return tuple(a.astype(jnp.int32) for a in (g, block, lo, hi, zlo, zhi))
 
 
 def _store_rows(src, dst, lo, hi, block_m: int) -> None:
@@ -532,9 +535,11 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   shared memory while consumer warpgroup ``i`` accumulates columns
   ``[i * block_n, (i + 1) * block_n)`` and then stores only the pair's rows
   (a block that straddles groups is one item per group, each storing its own
-  rows; the producer already loads the next item during that epilogue). Items
-  of the rows past ``sum(group_sizes)`` store zeros without a product (staged once per
-  item); they come first (:func:`_pair_plan`).
+  rows; the producer already loads the next item during that epilogue). The
+  rows past ``sum(group_sizes)`` get zeros without a product: those of the
+  last block with group rows as one more item, and the blocks after it as
+  zero stores that the items issue ahead of their products (the TMA engine
+  writes them while the tensor cores multiply; :func:`_pair_plan`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -557,8 +562,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   # runs past the last column (the TMA engine reads zeros there) and consumer 1 stores
   # nothing.
   grid_n = pl.cdiv(m, cta_n)
-  groups, blocks, los, his = _pair_plan(group_sizes, num_rows, bm)
-  num_items = groups.shape[0]
+  plan = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms())
+  num_items = plan[0].shape[0]
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -569,7 +574,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, block_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref):
+  def body(group_ref, block_ref, lo_ref, hi_ref, zlo_ref, zhi_ref, x_ref, w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -590,7 +595,9 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         else:
           item, ni = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
         g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
+        zlo, zhi = zlo_ref[item], zhi_ref[item]
         row0 = b * bm
+        has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
         def store(tile) -> None:
           """This consumer's ``[bm, bn]`` tile (``None``: zeros), rows ``[lo, hi)`` only."""
@@ -598,8 +605,20 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
             col = ni * cta_n + wg * bn + j * epi_n
             _store_rows(src, o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
 
-          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn,
-                               has_columns=ni * cta_n + wg * bn < m if m % cta_n else None)
+          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn, has_columns=has_columns)
+
+        @pl.when((wg < 2) & (zhi > zlo))
+        def _zero_blocks():
+          """This consumer's columns of the band in zero blocks [zlo, zhi), issued before the
+          product; nothing waits for them until the staging tile is next written."""
+          def copy(src, j):
+            col = ni * cta_n + wg * bn + j * epi_n
+
+            @pl.loop(zlo, zhi)
+            def _block(zb):
+              plgpu.copy_smem_to_gmem(src, o_ref.at[pl.ds(zb * bm, bm), pl.ds(col, epi_n)])
+
+          _store_consumer_tile(None, o_smem, wg, copy, block_n=bn, has_columns=has_columns)
 
         def step(_, x_smem, w_smem, acc_ref):
           cols = pl.ds(wg * bn, bn)
@@ -631,7 +650,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
   kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(groups, blocks, los, his, x, w)
+  return kernel(*plan, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
