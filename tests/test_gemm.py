@@ -176,18 +176,21 @@ def test_mosaic_refuses_with_the_fix():
 @pytest.mark.parametrize("seed", range(8))
 def test_work_items_cover_every_row_once(seed):
   """The two-consumer gmm's plan: each row up to the first all-zero block is in exactly one
-  item, of its own group (or of the past-the-end group G); each all-zero block is in exactly
-  one item's zero run, and the runs are spread over the used items (at least one per SM)."""
+  item, of its own group (or of the past-the-end group G); the all-zero blocks are zero
+  chunks, each in exactly one iteration's run."""
   rng = np.random.default_rng(seed)
   block_m, num_groups = 128, int(rng.integers(1, 9))
   num_blocks = int(rng.integers(1, 40))
   num_rows = block_m * num_blocks
   num_bands, num_sms = int(rng.integers(1, 9)), int(rng.integers(1, 140))
+  row_chunks = int(rng.integers(1, 33))
   # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
   total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  groups, blocks, los, his, zlos, zhis = (np.asarray(a) for a in mosaic._pair_plan(
-      jnp.asarray(sizes, jnp.int32), num_rows, block_m, num_bands, num_sms))
+  items, zeros = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m, num_bands,
+                                   num_sms, row_chunks)
+  groups, blocks, los, his = (np.asarray(a) for a in items)
+  zfirst, zcount = (np.asarray(a) for a in zeros)
   zero_from = -(-total // block_m)
   owner = np.full(num_rows, -1)
   for g, b, lo, hi in zip(groups, blocks, los, his):
@@ -202,15 +205,16 @@ def test_work_items_cover_every_row_once(seed):
   assert not used[used.sum():].any(), "unused items must come last"
   real_blocks = blocks[used & (groups < num_groups)]
   assert (np.diff(real_blocks) >= 0).all(), "items with products stay in row order"
-  zero_owner = np.zeros(num_blocks, int)
-  for zlo, zhi in zip(zlos, zhis):
-    assert zero_from <= zlo <= zhi <= num_blocks
-    zero_owner[zlo:zhi] += 1
-  np.testing.assert_array_equal(zero_owner, np.arange(num_blocks) >= zero_from)
-  spread = max(used.sum(), min(len(groups), -(-num_sms // num_bands)))
-  runs = zhis - zlos
-  assert not runs[spread:].any()
-  assert np.ptp(runs[:spread]) <= 1, "runs are even"
+  # Zero chunks: every chunk of every all-zero block exactly once, in near-equal runs over the
+  # iterations (item, band) of the used items (at least one iteration per SM).
+  assert zfirst.shape == zcount.shape == (len(groups) * num_bands,)
+  chunk_owner = np.zeros(num_blocks * row_chunks, int)
+  for first, count in zip(zfirst, zcount):
+    chunk_owner[first:first + count] += 1
+  np.testing.assert_array_equal(chunk_owner, np.arange(num_blocks * row_chunks) >= zero_from * row_chunks)
+  spread = max(used.sum(), min(len(groups), -(-num_sms // num_bands))) * num_bands
+  assert not zcount[spread:].any()
+  assert np.ptp(zcount[:spread]) <= 1, "runs are even"
 
 
 def test_argument_errors():

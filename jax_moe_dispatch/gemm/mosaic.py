@@ -433,7 +433,7 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
 
 
 def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
-               num_sms: int):
+               num_sms: int, row_chunks: int):
   """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
 
   The rows past ``sum(group_sizes)`` up to the next block boundary form one
@@ -441,24 +441,24 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   row order; there are at most ``num_blocks + G`` of them (each group boundary
   splits one block in two), the unused ones last with an empty row range.
 
-  The blocks past that (all rows past the sum) are not items: item ``p``
-  also stores zeros into blocks ``[zlo[p], zhi[p])`` of its band, before its
-  product. They are spread evenly over the used items (over at least
-  ``ceil(num_sms / num_bands)`` items, so that every SM takes a share when
-  there are few products), so the zero stores run in the background of the
-  products instead of after them. Measured on an H200 (16384 real of 65536
-  rows, 2048 x 1024, kernel times from a profiler trace): zeros as items of
-  their own, first 144 us, last 170 us, against 116 us without padding rows.
+  The blocks after that (all rows past the sum) are no items: they are zero
+  chunks, ``row_chunks`` per block row (a chunk: the block's rows times one
+  staging width of columns, numbered row-major from block 0), and the item
+  iterations store them while their products run, so that the zero stores
+  overlap the multiplications instead of following them. Iteration ``(p,
+  band)`` stores the ``zcount[q]`` chunks from ``zfirst[q]``, ``q = p *
+  num_bands + band``: near-equal row-major runs over the iterations of the used
+  items (at least ``ceil(num_sms / num_bands)`` items, so that every SM takes a
+  share when there are few products). BENCHMARKS.md has the measured cost of
+  4x padding rows with this plan and with the zeros as items of their own.
 
-  Returns ``(group, block, lo, hi, zlo, zhi)`` per item, int32: rows
-  ``[lo, hi)`` of block ``block`` (block-relative), zero blocks
-  ``[zlo, zhi)``.
+  Returns ``((group, block, lo, hi) per item, (zfirst, zcount) per
+  iteration)``, int32: rows ``[lo, hi)`` of block ``block`` (block-relative).
   """
   num_groups = group_sizes.shape[0]
   num_blocks = num_rows // block_m
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
-  total = ends[-1]
-  zero_from = pl.cdiv(total, block_m)  # The first block with no row of any group.
+  zero_from = pl.cdiv(ends[-1], block_m)  # The first block with no row of any group.
   ends = jnp.concatenate([ends, (zero_from * block_m)[None]])
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   first = starts // block_m
@@ -473,13 +473,14 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   lo = jnp.where(used, jnp.maximum(starts[g], row0) - row0, 0)
   hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
   block = jnp.where(used, block, 0)
-  # Zero blocks [zero_from, num_blocks), split into near-equal runs over `spread` items.
-  spread = jnp.maximum(item_end[-1], min(num_items, -(-num_sms // num_bands)))
-  per, extra = divmod(num_blocks - zero_from, spread)
-  spreads = p < spread
-  zlo = jnp.where(spreads, zero_from + p * per + jnp.minimum(p, extra), num_blocks)
-  zhi = jnp.where(spreads, zlo + per + (p < extra), num_blocks)
-  return tuple(a.astype(jnp.int32) for a in (g, block, lo, hi, zlo, zhi))
+  # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks) in near-equal runs.
+  spread = jnp.maximum(item_end[-1], min(num_items, -(-num_sms // num_bands))) * num_bands
+  q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
+  per, extra = divmod((num_blocks - zero_from) * row_chunks, spread)
+  zfirst = zero_from * row_chunks + q * per + jnp.minimum(q, extra)
+  zcount = jnp.where(q < spread, per + (q < extra), 0)
+  return (tuple(a.astype(jnp.int32) for a in (g, block, lo, hi)),
+          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)))
 
 
 def _store_rows(src, dst, lo, hi, block_m: int) -> None:
@@ -562,8 +563,9 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   # runs past the last column (the TMA engine reads zeros there) and consumer 1 stores
   # nothing.
   grid_n = pl.cdiv(m, cta_n)
-  plan = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms())
-  num_items = plan[0].shape[0]
+  row_chunks = m // epi_n
+  items, zeros = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms(), row_chunks)
+  num_items = items[0].shape[0]
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -574,7 +576,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, block_ref, lo_ref, hi_ref, zlo_ref, zhi_ref, x_ref, w_ref, o_ref):
+  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, x_ref, w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -595,7 +597,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         else:
           item, ni = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
         g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
-        zlo, zhi = zlo_ref[item], zhi_ref[item]
+        zfirst, zcount = zfirst_ref[item * grid_n + ni], zcount_ref[item * grid_n + ni]
         row0 = b * bm
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
@@ -607,24 +609,39 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
           _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn, has_columns=has_columns)
 
-        @pl.when((wg < 2) & (zhi > zlo))
-        def _zero_blocks():
-          """This consumer's columns of the band in zero blocks [zlo, zhi), issued before the
-          product; nothing waits for them until the staging tile is next written."""
-          def copy(src, j):
-            col = ni * cta_n + wg * bn + j * epi_n
+        # Zero chunks [zfirst, zfirst + zcount), the even ones consumer 0's, the odd ones
+        # consumer 1's: TMA stores of its staging tile, zeroed first (nothing rewrites it
+        # before the epilogue, whose first write waits for their reads). With a product, a
+        # few per pipeline step, so that they trickle out behind the operand loads.
+        num_zero = (zcount - wg + 1) // 2
+        has_zeros = (wg < 2) & (num_zero > 0)
+        with_product = (g < num_groups) & (hi > lo)
 
-            @pl.loop(zlo, zhi)
-            def _block(zb):
-              plgpu.copy_smem_to_gmem(src, o_ref.at[pl.ds(zb * bm, bm), pl.ds(col, epi_n)])
+        def zero_stores(first, last):
+          @pl.loop(first, last)
+          def _store(i):
+            c = zfirst + 2 * i + wg
+            rows, cols = pl.ds(c // row_chunks * bm, bm), pl.ds(c % row_chunks * epi_n, epi_n)
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[rows, cols])
 
-          _store_consumer_tile(None, o_smem, wg, copy, block_n=bn, has_columns=has_columns)
+        @pl.when(has_zeros)
+        def _stage_zeros():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
+          o_smem[wg] = jnp.zeros(o_smem.shape[1:], o_smem.dtype)
+          plgpu.commit_smem()
 
-        def step(_, x_smem, w_smem, acc_ref):
+        pl.when(has_zeros & ~with_product)(lambda: zero_stores(0, num_zero))
+        num_steps = k // bk
+
+        def step(idx, x_smem, w_smem, acc_ref):
           cols = pl.ds(wg * bn, bn)
           w_cols = w_smem.at[cols] if transpose_rhs else w_smem.at[:, cols]
           plgpu.wgmma(acc_ref, x_smem,
                       w_cols.transpose((1, 0)) if transpose_rhs else w_cols)
+          # Step s issues stores [ceil(s n / S), ceil((s + 1) n / S)): evenly over the S steps.
+          first = (idx[0] * num_zero + num_steps - 1) // num_steps
+          last = ((idx[0] + 1) * num_zero + num_steps - 1) // num_steps
+          pl.when(has_zeros & (last > first))(lambda: zero_stores(first, last))
           plgpu.wgmma_wait(1)
           return acc_ref
 
@@ -634,7 +651,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
             run(acc_ref)
             store(acc_ref[...].astype(out_dtype))
 
-        @pl.when((g < num_groups) & (hi > lo))
+        @pl.when(with_product)
         def _product():
           w_g = w_ref.at[g]
           cols = pl.ds(ni * cta_n, cta_n)
@@ -650,7 +667,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
   kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(*plan, x, w)
+  return kernel(*items, *zeros, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
