@@ -194,7 +194,7 @@ __device__ __forceinline__ void BulkWaitReadAtMost(uint32_t n) {
   if constexpr (N == 0) {
     BulkWaitRead<0>();
   } else {
-    if (n >= N) {
+    if (n >= static_cast<uint32_t>(N)) {
       BulkWaitRead<N>();
     } else {
       BulkWaitReadAtMost<N - 1>(n);
