@@ -230,6 +230,8 @@ __device__ inline void CopyRowBulk(BulkRing& ring, const char* in, char* dst, in
   for (int c = 0; c < chunks && c < kBulkStages - 1; ++c) BulkLoadChunk(ring, in + c * kBulkChunk, size(c), lane);
   for (int c = 0; c < chunks; ++c) {
     const uint32_t q = ring.stored;
+    // The chunk is written and read only by bulk copies (the async proxy): once its
+    // mbarrier phase completes, this lane's stores may read it without a proxy fence.
     MbarWait(ring.bars + q % kBulkStages, (q / kBulkStages) & 1u);
     const char* chunk = ring.chunks + (q % kBulkStages) * kBulkChunk;
     const int64_t at = static_cast<int64_t>(c) * kBulkChunk;

@@ -4,8 +4,9 @@ The native permute and the fused hybrid dispatch (fresh, and cached: hybrid
 combine's backward) copy each row into its permuted rows either with bulk copies
 through a per-warp shared-memory ring (``JMD_ROW_COPY=bulk``, the default, where
 row bytes and addresses are multiples of 16 bytes) or in vectors
-(``JMD_ROW_COPY=vector``). The handlers read the variable at every call, so one
-compiled function runs both. On GPUs these tests check, on fresh random data,
+(``JMD_ROW_COPY=vector``). The handlers read the variable when they run; each
+mode compiles its own function here (XLA may record the permute handler into a
+CUDA graph and replay it without running the handler again). On GPUs these tests check, on fresh random data,
 that both settings give the same bits, and that those are the specification's
 (core/permute.py, the reference backend) and the numpy oracle's; the shapes cover
 rows of several ring chunks with a partial last one, many rows per warp (the ring
@@ -34,7 +35,8 @@ MODES = ("bulk", "vector")
 
 
 def _each_mode(monkeypatch, run):
-  """``{mode: numpy outputs of run()}`` with JMD_ROW_COPY set to each mode."""
+  """``{mode: numpy outputs of run()}`` with JMD_ROW_COPY set to each mode (``run`` compiles
+  a fresh function each time)."""
   out = {}
   for mode in MODES:
     monkeypatch.setenv("JMD_ROW_COPY", mode)
@@ -78,8 +80,7 @@ def test_permute_bulk_and_vector_copies_agree(case, pad, monkeypatch):
   def fn(mod):
     return jax.jit(lambda r, lm, p: mod.group_by_expert(r, lm, p, num_rows, pad, k))
 
-  native = fn(NP)
-  out = _each_mode(monkeypatch, lambda: native(rows, local_map, probs))
+  out = _each_mode(monkeypatch, lambda: fn(NP)(rows, local_map, probs))
   H.assert_same(out["bulk"], out["vector"], f"bulk vs vector {case}")
   H.assert_same(out["bulk"], H.to_np(fn(P)(rows, local_map, probs)), f"bulk vs core/permute {case}")
   kept = local_map & (np.cumsum(local_map, axis=1) <= (k or num_local))
@@ -138,8 +139,7 @@ def test_hybrid_dispatch_bulk_and_vector_copies_agree(ep, case, monkeypatch):
     return px, pprobs, pscales, tpe, handle, vjp(g)[0]
 
   args = (x, scales if fp8 else np.zeros((ep, T, 1), np.float32), rmap, dprobs, g)
-  native = H.ep_map(lambda *a: fn("native", *a), ep)
-  out = _each_mode(monkeypatch, lambda: native(*args))
+  out = _each_mode(monkeypatch, lambda: H.ep_map(lambda *a: fn("native", *a), ep)(*args))
   H.assert_same(out["bulk"], out["vector"], f"bulk vs vector {case}")
   reference = H.to_np(H.ep_map(lambda *a: fn("reference", *a), ep)(*args))
   H.assert_same(out["bulk"], reference, f"bulk vs reference {case}")
