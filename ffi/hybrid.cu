@@ -51,11 +51,6 @@ __device__ void LoadSources(Sources& src, const Layout& layout, const HybridPara
   __syncthreads();
 }
 
-// Dynamic shared memory of the fresh permute kernel before the rings: start[L + 1], count[L].
-__host__ __device__ size_t GroupBytes(const HybridParams& p) {
-  return sizeof(int) * (2 * static_cast<size_t>(p.num_local) + 1);
-}
-
 __device__ __forceinline__ int SourceOf(const Sources& src, int size, int row) {
   int s = 0;
   while (s + 1 < size && row >= src.start[s + 1]) ++s;
@@ -91,14 +86,13 @@ __global__ void __launch_bounds__(kThreads) HybridScanKernel(GroupView g, const 
 
 // ---------------------------------------------------------------------------
 // Step 2 (fresh and cached): a warp per receive row reads the row once from its
-// source and stores it into each of its permuted rows (rows.cuh CopyRowTo: with
-// bulk copies through the warp's ring when p.bulk_copy); then padding rows are zeroed.
+// source and stores it into each of its permuted rows; then padding rows are zeroed.
 
 template <bool kFresh>
 __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, const __grid_constant__ HybridParams p) {
   __shared__ Sources src;
   __shared__ int dsts[kWarps][kWarpDsts];
-  extern __shared__ __align__(kBulkAlign) int groups[];  // fresh: start[L + 1], count[L]; then the rings.
+  extern __shared__ int groups[];  // fresh: start[L + 1], count[L]
   const Layout& layout = g.regions[g.position]->layout;
   if (layout.aborted) return;  // The notify step failed (recorded); nothing is valid.
   const int size = g.size, me = layout.my_axis_index, num_local = p.num_local, num_rows = p.num_rows;
@@ -113,9 +107,6 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
   const int total_warps = gridDim.x * kWarps;
   const int num_recv = src.start[size];
   int* mine = dsts[warp_in_block];
-  char* rings =
-      p.bulk_copy ? reinterpret_cast<char*>(groups) + BulkRingOffset(kFresh ? GroupBytes(p) : 0) : nullptr;
-  BulkRing ring = SetUpBulkRing(rings, kWarps, warp_in_block, lane);
 
   for (int i = warp; i < num_recv; i += total_warps) {
     const int s = SourceOf(src, size, i);
@@ -154,7 +145,8 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
       if (n > kWarpDsts - 32 || (base + 32 >= num_local && n > 0)) {  // Flush: copy the row.
         for (int k = 0; k < p.num_row_streams; ++k) {
           const RowStream& st = p.rows[k];
-          CopyRowTo(ring, st.width, src.rows[k][s] + t * st.bytes, st.dst, st.bytes, mine, n, lane);
+          const char* in = src.rows[k][s] + t * st.bytes;
+          JMD_SWITCH_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
         }
         n = 0;
         __syncwarp();
@@ -188,7 +180,6 @@ __global__ void __launch_bounds__(kThreads) HybridPermuteKernel(GroupView g, con
       JMD_SWITCH_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
     }
   }
-  DrainBulkRing(ring);
 }
 
 // ---------------------------------------------------------------------------
@@ -264,6 +255,8 @@ __global__ void __launch_bounds__(kThreads) HybridCombineKernel(GroupView g,
   }
 }
 
+size_t GroupBytes(const HybridParams& p) { return sizeof(int) * (2 * static_cast<size_t>(p.num_local) + 1); }
+
 }  // namespace
 
 cudaError_t LaunchHybridDispatch(const GroupView& g, const HybridParams& p, int num_blocks, cudaStream_t stream) {
@@ -271,25 +264,21 @@ cudaError_t LaunchHybridDispatch(const GroupView& g, const HybridParams& p, int 
   // not held to the op's SM budget (the permute kernel is).
   HybridScanKernel<<<p.num_local, kThreads, 0, stream>>>(g, p);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  HybridParams q = p;
-  size_t smem = 0;
-  if (cudaError_t err = RowKernelSmem(HybridPermuteKernel<true>, GroupBytes(p), kWarps, &q.bulk_copy, &smem);
-      err != cudaSuccess) {
-    return err;
+  const size_t smem = GroupBytes(p);
+  if (smem > 48 * 1024) {
+    if (cudaError_t err = cudaFuncSetAttribute(HybridPermuteKernel<true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        err != cudaSuccess) {
+      return err;
+    }
   }
-  HybridPermuteKernel<true><<<num_blocks, kThreads, smem, stream>>>(g, q);
+  HybridPermuteKernel<true><<<num_blocks, kThreads, smem, stream>>>(g, p);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchHybridDispatchCached(const GroupView& g, const HybridParams& p, int num_blocks,
                                        cudaStream_t stream) {
-  HybridParams q = p;
-  size_t smem = 0;
-  if (cudaError_t err = RowKernelSmem(HybridPermuteKernel<false>, 0, kWarps, &q.bulk_copy, &smem);
-      err != cudaSuccess) {
-    return err;
-  }
-  HybridPermuteKernel<false><<<num_blocks, kThreads, smem, stream>>>(g, q);
+  HybridPermuteKernel<false><<<num_blocks, kThreads, 0, stream>>>(g, p);
   return cudaGetLastError();
 }
 

@@ -38,7 +38,6 @@ struct HybridParams {
   int32_t num_local;           // L
   int32_t num_rows;            // N
   int32_t pad_multiple;
-  bool bulk_copy;              // rows move with Hopper bulk copies where they apply (rows.cuh), else in vectors.
 };
 
 // Fresh hybrid dispatch after notify: a scan per local expert over the received

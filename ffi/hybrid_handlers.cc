@@ -10,7 +10,6 @@
 #include "handlers_internal.h"
 #include "hybrid.h"
 #include "kernels.h"
-#include "row_copy.h"
 #include "row_stream_setup.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -59,8 +58,6 @@ ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axi
                               ffi::Result<S32Vector> counts, ffi::Result<ffi::AnyBuffer> permuted_probs,
                               ffi::RemainingRets rets, int64_t pad_multiple, int64_t num_blocks) {
   if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
-  auto bulk = BulkRowCopies();
-  if (!bulk.has_value()) return bulk.error();
   auto mask_dims = dest_mask.dimensions();
   if (dest_mask.element_type() != ffi::DataType::PRED || mask_dims.size() != 2) {
     return Invalid("dest_mask must be bool [T, R]");
@@ -134,7 +131,6 @@ ffi::Error HybridDispatchImpl(cudaStream_t stream, int32_t device, S32Scalar axi
   p.num_local = static_cast<int32_t>(num_local);
   p.num_rows = static_cast<int32_t>(num_rows);
   p.pad_multiple = static_cast<int32_t>(pad_multiple);
-  p.bulk_copy = *bulk;
 
   return LaunchCall(**m, RowsSignature(kOpHybridDispatch, p), n, stream, "hybrid dispatch launch (data or finish)",
                     [&](const GroupView& g) {
@@ -149,8 +145,6 @@ ffi::Error HybridDispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scal
                                     ffi::RemainingArgs args, ffi::Result<S32Matrix> lists, ffi::RemainingRets rets,
                                     int64_t num_blocks) {
   if (auto err = CheckBlocks(num_blocks); err.failure()) return err;
-  auto bulk = BulkRowCopies();
-  if (!bulk.has_value()) return bulk.error();
   const int64_t num_tokens = send_pos.dimensions()[0], ranks = send_pos.dimensions()[1];
   const int64_t max_recv = perm_row.dimensions()[0], num_local = perm_row.dimensions()[1];
   const int64_t num_rows = src_row.dimensions()[0];
@@ -189,7 +183,6 @@ ffi::Error HybridDispatchCachedImpl(cudaStream_t stream, int32_t device, S32Scal
   p.num_local = static_cast<int32_t>(num_local);
   p.num_rows = static_cast<int32_t>(num_rows);
   p.pad_multiple = 1;
-  p.bulk_copy = *bulk;
 
   return LaunchCall(**m, RowsSignature(kOpHybridDispatchCached, p), n, stream,
                     "cached hybrid dispatch launch (data or finish)",

@@ -66,19 +66,13 @@ __device__ __forceinline__ void CopyValue(const char* in, char* out, int bytes) 
   }
 }
 
-// Dynamic shared memory of PermuteRowsKernel before the rings: start[L + 1], count[L].
-__host__ __device__ size_t GroupBytes(const PermuteParams& p) {
-  return sizeof(int) * (2 * static_cast<size_t>(p.num_local) + 1);
-}
-
 // Every block derives the padded group starts from the counts; then a warp per
 // row turns its ranks into permuted rows, writes src_row, the probabilities and
-// expert_rows, and copies the row into each of its permuted rows (rows.cuh
-// CopyRowTo: with bulk copies through the warp's ring when p.bulk_copy); padding
-// rows (and rows past every group) are zeroed.
+// expert_rows, and copies the row into each of its permuted rows; padding rows
+// (and rows past every group) are zeroed.
 __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __grid_constant__ PermuteParams p) {
   __shared__ int dsts[kPermuteWarps][kWarpDsts];
-  extern __shared__ __align__(kBulkAlign) int groups[];  // start[L + 1], count[L]; then the rings.
+  extern __shared__ int groups[];  // start[L + 1], count[L]
   const int num_local = p.num_local, num_rows = p.num_rows, max_experts = p.max_experts;
   int* start = groups;
   int* count = groups + num_local + 1;
@@ -88,8 +82,6 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
   const int warp = blockIdx.x * kPermuteWarps + warp_in_block;
   const int total_warps = gridDim.x * kPermuteWarps;
   int* mine = dsts[warp_in_block];
-  char* rings = p.bulk_copy ? reinterpret_cast<char*>(groups) + BulkRingOffset(GroupBytes(p)) : nullptr;
-  BulkRing ring = SetUpBulkRing(rings, kPermuteWarps, warp_in_block, lane);
   for (int i = warp; i < p.num_recv; i += total_warps) {
     int32_t* expert_rows = p.expert_rows + static_cast<int64_t>(i) * max_experts;
     int n = 0, kept = 0;
@@ -122,7 +114,8 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       if (n > kWarpDsts - 32 || (base + 32 >= num_local && n > 0)) {  // Flush: copy the row.
         for (int k = 0; k < p.num_streams; ++k) {
           const RowStream& st = p.rows[k];
-          CopyRowTo(ring, st.width, st.src + static_cast<int64_t>(i) * st.bytes, st.dst, st.bytes, mine, n, lane);
+          const char* in = st.src + static_cast<int64_t>(i) * st.bytes;
+          JMD_SWITCH_WIDTH(st.width, CopyRow<W>(in, st.dst, st.bytes, mine, n, lane));
         }
         n = 0;
         __syncwarp();
@@ -144,7 +137,6 @@ __global__ void __launch_bounds__(kPermuteThreads) PermuteRowsKernel(const __gri
       JMD_SWITCH_WIDTH(st.width, ZeroRow<W>(st.dst + static_cast<int64_t>(j) * st.bytes, st.bytes, lane));
     }
   }
-  DrainBulkRing(ring);
 }
 
 // A warp per output row: its permuted rows are listed once (expert_rows order),
@@ -199,23 +191,16 @@ cudaError_t LaunchPermute(const PermuteParams& p, int num_sms, cudaStream_t stre
   }
   ScanKernel<<<p.num_local, kPermuteThreads, 0, stream>>>(p);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  PermuteParams q = p;
-  size_t smem = 0;
-  if (cudaError_t err = RowKernelSmem(PermuteRowsKernel, GroupBytes(p), kPermuteWarps, &q.bulk_copy, &smem);
-      err != cudaSuccess) {
-    return err;
-  }
-  int grid = RowGrid(std::max(p.num_recv, p.num_rows), num_sms);
-  if (q.bulk_copy) {  // The rings leave room for fewer blocks per SM: no more than are resident at once.
-    int per_sm = 0;
+  const size_t smem = sizeof(int) * (2 * static_cast<size_t>(p.num_local) + 1);
+  if (smem > 48 * 1024) {
     if (cudaError_t err =
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, PermuteRowsKernel, kPermuteThreads, smem);
+            cudaFuncSetAttribute(PermuteRowsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
         err != cudaSuccess) {
       return err;
     }
-    grid = std::min(grid, num_sms * std::max(per_sm, 1));
   }
-  PermuteRowsKernel<<<grid, kPermuteThreads, smem, stream>>>(q);
+  const int grid = RowGrid(std::max(p.num_recv, p.num_rows), num_sms);
+  PermuteRowsKernel<<<grid, kPermuteThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -34,7 +34,6 @@ struct PermuteParams {
   int32_t num_rows;            // N
   int32_t max_experts;         // K, in [1, L]
   int32_t pad_multiple;
-  bool bulk_copy;              // rows move with Hopper bulk copies where they apply (rows.cuh), else in vectors.
 };
 
 // The permutation and the permuted rows and probabilities: a row routed to more

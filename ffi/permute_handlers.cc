@@ -12,7 +12,6 @@
 
 #include "handlers_internal.h"
 #include "permute.h"
-#include "row_copy.h"
 #include "row_stream_setup.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -77,8 +76,6 @@ ffi::Error PermuteImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer local
   if (2 * num_local + 1 > (200 << 10) / static_cast<int64_t>(sizeof(int))) {
     return Invalid("too many local experts for the group table in shared memory; L", num_local);
   }
-  auto bulk = BulkRowCopies();
-  if (!bulk.has_value()) return bulk.error();
   auto sms = DeviceSms(device);
   if (!sms.has_value()) return sms.error();
 
@@ -101,7 +98,6 @@ ffi::Error PermuteImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer local
   p.num_rows = static_cast<int32_t>(num_rows);
   p.max_experts = static_cast<int32_t>(max_experts);
   p.pad_multiple = static_cast<int32_t>(pad_multiple);
-  p.bulk_copy = *bulk;
   if (cudaError_t err = LaunchPermute(p, *sms, stream); err != cudaSuccess) return CudaFailure("permute launch", err);
   return ffi::Error::Success();
 }

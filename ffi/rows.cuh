@@ -1,10 +1,9 @@
 // Device helpers shared by the kernels that move rows into and out of the
 // expert-major permuted buffer (hybrid.cu, permute.cu): a block scan, the scan of
-// each expert's group, row copies (in vectors, or with Hopper bulk copies through a
-// warp's shared-memory ring) and zeroing in vectors, the group of a permuted row,
-// and float32 sums of rows of float32 / bfloat16 / float16 elements: a warp lists
-// the rows to sum once, then sums them a column chunk at a time, the loads of a
-// batch in flight together.
+// each expert's group, row copies and zeroing in vectors, the group of a permuted
+// row, and float32 sums of rows of float32 / bfloat16 / float16 elements: a warp
+// lists the rows to sum once, then sums them a column chunk at a time, the loads
+// of a batch in flight together.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,7 +13,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "bulk.cuh"
 #include "vectors.h"
 
 namespace jmd {
@@ -135,166 +133,6 @@ __device__ void CopyRow(const char* in, char* dst, int bytes, const int* rows, i
       }
     }
   }
-}
-
-// Bulk row copies (sm_90). Each warp owns a ring of kBulkStages chunks of
-// kBulkChunk bytes in shared memory, each with an mbarrier. One lane loads a row's
-// chunks into the ring with bulk copies, kBulkStages - 1 ahead; as each chunk lands,
-// the lanes store it to the row's destinations with bulk copies (lane j to
-// destinations j, j + 32, ...), each lane committing one bulk async-group per
-// chunk, and a stage is loaded again only once every lane's stores of its previous
-// chunk have read it. The loads and stores run on the SM's copy engine, not the
-// warp's registers; the chunk count carries over from row to row, so the next
-// row's first loads overlap the last stores of the one before. Rows move this way
-// when the row bytes and both addresses are multiples of 16 bytes (vector width 16).
-inline constexpr int kBulkStages = 3;
-inline constexpr int kBulkChunk = 4096;  // bytes; a multiple of 16.
-inline constexpr size_t kBulkAlign = 128;
-
-// Shared-memory bytes of the rings of `warps` warps: their chunks, then their mbarriers.
-__host__ __device__ constexpr size_t BulkRingBytes(int warps) {
-  return static_cast<size_t>(warps) * kBulkStages * (kBulkChunk + sizeof(uint64_t));
-}
-
-// Offset of the rings in dynamic shared memory after `before` bytes of other data.
-__host__ __device__ constexpr size_t BulkRingOffset(size_t before) {
-  return (before + kBulkAlign - 1) / kBulkAlign * kBulkAlign;
-}
-
-// A warp's ring (every lane holds the same copy). `chunks` is null when the
-// kernel runs without rings: rows then move in vectors.
-struct BulkRing {
-  char* chunks;     // kBulkStages chunks of kBulkChunk bytes (shared memory).
-  uint64_t* bars;   // their mbarriers.
-  uint32_t loaded;  // chunks whose loads were issued since set-up.
-  uint32_t stored;  // chunks whose stores were issued (and committed) since set-up.
-};
-
-// The ring of warp `warp` of the block in `rings` (BulkRingBytes(warps) bytes at a
-// kBulkAlign boundary), or none when `rings` is null. Every lane calls it.
-__device__ inline BulkRing SetUpBulkRing(char* rings, int warps, int warp, int lane) {
-  if (rings == nullptr) return BulkRing{nullptr, nullptr, 0, 0};
-  const size_t chunk_bytes = static_cast<size_t>(warps) * kBulkStages * kBulkChunk;
-  BulkRing ring{rings + static_cast<size_t>(warp) * kBulkStages * kBulkChunk,
-                reinterpret_cast<uint64_t*>(rings + chunk_bytes) + warp * kBulkStages, 0, 0};
-#if JMD_BULK_COPIES
-  if (lane == 0) {
-    for (int s = 0; s < kBulkStages; ++s) MbarInit(ring.bars + s, 1);
-    FenceProxyAsyncShared();  // The initialized barriers, for the copies' completions.
-  }
-  __syncwarp();
-#endif
-  return ring;
-}
-
-#if JMD_BULK_COPIES
-// BulkWaitRead<n> for a runtime n in [0, N].
-template <int N>
-__device__ __forceinline__ void BulkWaitReadAtMost(uint32_t n) {
-  if constexpr (N == 0) {
-    BulkWaitRead<0>();
-  } else {
-    if (n >= static_cast<uint32_t>(N)) {
-      BulkWaitRead<N>();
-    } else {
-      BulkWaitReadAtMost<N - 1>(n);
-    }
-  }
-}
-
-// Loads `bytes` of global `src` into the ring's next stage (lane 0 issues; every
-// lane calls). The stage's previous chunk, loaded kBulkStages chunks ago, must first
-// be read by every lane's stores: at most (stored - 1) - (loaded - kBulkStages) of
-// each lane's later groups may still be reading.
-__device__ __forceinline__ void BulkLoadChunk(BulkRing& ring, const char* src, uint32_t bytes, int lane) {
-  const uint32_t q = ring.loaded;
-  if (q >= kBulkStages) {
-    BulkWaitReadAtMost<kBulkStages - 1>(ring.stored + kBulkStages - 1 - q);
-    __syncwarp();
-  }
-  if (lane == 0) {
-    uint64_t* bar = ring.bars + q % kBulkStages;
-    MbarArriveExpectTx(bar, bytes);
-    BulkLoad(ring.chunks + (q % kBulkStages) * kBulkChunk, src, bytes, bar);
-  }
-  __syncwarp();
-  ++ring.loaded;
-}
-
-// Stores one row of `bytes` (a multiple of 16) from `in` into `n` rows of `dst`
-// (every address a multiple of 16) through the warp's ring. Every lane calls.
-__device__ inline void CopyRowBulk(BulkRing& ring, const char* in, char* dst, int bytes, const int* rows, int n,
-                                   int lane) {
-  const int chunks = (bytes + kBulkChunk - 1) / kBulkChunk;
-  const auto size = [bytes](int c) { return static_cast<uint32_t>(min(kBulkChunk, bytes - c * kBulkChunk)); };
-  for (int c = 0; c < chunks && c < kBulkStages - 1; ++c) BulkLoadChunk(ring, in + c * kBulkChunk, size(c), lane);
-  for (int c = 0; c < chunks; ++c) {
-    const uint32_t q = ring.stored;
-    // The chunk is written and read only by bulk copies (the async proxy): once its
-    // mbarrier phase completes, this lane's stores may read it without a proxy fence.
-    MbarWait(ring.bars + q % kBulkStages, (q / kBulkStages) & 1u);
-    const char* chunk = ring.chunks + (q % kBulkStages) * kBulkChunk;
-    const int64_t at = static_cast<int64_t>(c) * kBulkChunk;
-    for (int j = lane; j < n; j += 32) BulkStore(dst + static_cast<int64_t>(rows[j]) * bytes + at, chunk, size(c));
-    BulkCommit();
-    ++ring.stored;
-    const int next = c + kBulkStages - 1;
-    if (next < chunks) BulkLoadChunk(ring, in + static_cast<int64_t>(next) * kBulkChunk, size(next), lane);
-  }
-}
-#endif  // JMD_BULK_COPIES
-
-// Stores one row (read once) into `n` rows of `dst` (rows[0, n) in shared memory,
-// written before a __syncwarp): through the warp's ring when it has one and the
-// vector width is 16, else CopyRow<width>. Every lane calls.
-__device__ inline void CopyRowTo(BulkRing& ring, int width, const char* in, char* dst, int bytes, const int* rows,
-                                 int n, int lane) {
-#if JMD_BULK_COPIES
-  if (ring.chunks != nullptr && width == 16) {
-    CopyRowBulk(ring, in, dst, bytes, rows, n, lane);
-    return;
-  }
-#endif
-  JMD_SWITCH_WIDTH(width, CopyRow<W>(in, dst, bytes, rows, n, lane));
-}
-
-// Waits until the ring's stores have read their chunks: before the block exits
-// (its shared memory goes). Every lane calls.
-__device__ inline void DrainBulkRing(const BulkRing& ring) {
-#if JMD_BULK_COPIES
-  if (ring.chunks != nullptr) BulkWaitRead<0>();
-#endif
-}
-
-// The dynamic shared memory of a row kernel whose own dynamic data is `before`
-// bytes. With *bulk, it adds the rings of the block's `warps` warps when the device
-// runs bulk copies (compute capability 9.0 or later) and the block then fits the
-// device's opt-in limit; otherwise *bulk is cleared (rows move in vectors). Raises
-// the kernel's dynamic shared memory limit when `*smem` is past the default 48 KiB.
-template <typename Kernel>
-cudaError_t RowKernelSmem(Kernel kernel, size_t before, int warps, bool* bulk, size_t* smem) {
-  *smem = before;
-  if (*bulk) {
-    int device = 0, major = 0, optin = 0;
-    cudaFuncAttributes attr{};
-    if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-    if (cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-        err != cudaSuccess) {
-      return err;
-    }
-    if (cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-        err != cudaSuccess) {
-      return err;
-    }
-    if (cudaError_t err = cudaFuncGetAttributes(&attr, kernel); err != cudaSuccess) return err;
-    const size_t with_rings = BulkRingOffset(before) + BulkRingBytes(warps);
-    *bulk = major >= 9 && attr.sharedSizeBytes + with_rings <= static_cast<size_t>(optin);
-    if (*bulk) *smem = with_rings;
-  }
-  if (*smem > 48 * 1024) {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(*smem));
-  }
-  return cudaSuccess;
 }
 
 template <int W>
