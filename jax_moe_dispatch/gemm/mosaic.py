@@ -13,8 +13,8 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
     (group, row block) pairs: a block that straddles groups is one item per
     group, each computing the block and storing only its group's rows
     (power-of-two TMA pieces), so garbage in other rows cannot leak in. Rows
-    past ``sum(group_sizes)`` get zero stores that the items issue ahead of
-    their products, so they overlap the multiplications.
+    past ``sum(group_sizes)`` get zero stores that the items issue during
+    their products' pipeline steps, so they overlap the multiplications.
   - 1: one warpgroup per tile. A block that lies inside one group is one
     pipeline; a block that straddles groups runs one pipeline per group it
     touches and keeps, for each, only that group's rows (a select). Blocks
@@ -143,6 +143,15 @@ def _group_blocks(group_sizes: jax.Array, block: int):
   first = starts // block
   num_blocks = jnp.where(ends > starts, pl.cdiv(ends, block) - first, 0)
   return starts, ends, first.astype(jnp.int32), num_blocks.astype(jnp.int32)
+
+
+def _wgrad_tile(idx, grid_m: int, grid_n: int, starts_ref, ends_ref, first_ref, steps_ref):
+  """Tile ``idx`` of a wgrad's ``nd_loop`` (group-major, then ``K`` blocks, then ``M`` bands):
+  ``(g, mi, ni)`` and the group's ``(start, end, first row block, row blocks)`` from the
+  :func:`_group_blocks` refs."""
+  g = idx // (grid_m * grid_n)
+  return (g, (idx // grid_n) % grid_m, idx % grid_n,
+          starts_ref[g], ends_ref[g], first_ref[g], steps_ref[g])
 
 
 def _swizzled(minor: int, dtype) -> tuple:
@@ -379,12 +388,8 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
     @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
     def _tile(info):
-      idx = info.index[0]
-      g = idx // (grid_m * grid_n)
-      mi = (idx // grid_n) % grid_m
-      ni = idx % grid_n
-      start, end = starts_ref[g], ends_ref[g]
-      first, steps = first_ref[g], steps_ref[g]
+      g, mi, ni, start, end, first, steps = _wgrad_tile(
+          info.index[0], grid_m, grid_n, starts_ref, ends_ref, first_ref, steps_ref)
 
       def scope(acc_ref):
         def step(idx_k, x_smem, y_smem):
@@ -539,8 +544,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   rows; the producer already loads the next item during that epilogue). The
   rows past ``sum(group_sizes)`` get zeros without a product: those of the
   last block with group rows as one more item, and the blocks after it as
-  zero stores that the items issue ahead of their products (the TMA engine
-  writes them while the tensor cores multiply; :func:`_pair_plan`).
+  zero stores that the items issue during their pipeline steps (the TMA
+  engine writes them while the tensor cores multiply; :func:`_pair_plan`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -597,7 +602,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         else:
           item, ni = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
         g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
-        zfirst, zcount = zfirst_ref[item * grid_n + ni], zcount_ref[item * grid_n + ni]
+        q = item * grid_n + ni
+        zfirst, zcount = zfirst_ref[q], zcount_ref[q]
         row0 = b * bm
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
@@ -725,12 +731,8 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
     def _scope(allocs, x_own, o_smem):
       @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
       def _item(info):
-        idx = info.index[0]
-        g = idx // (grid_m * grid_n)
-        mi = (idx // grid_n) % grid_m
-        ni = idx % grid_n
-        start, end = starts_ref[g], ends_ref[g]
-        first, steps = first_ref[g], steps_ref[g]
+        g, mi, ni, start, end, first, steps = _wgrad_tile(
+            info.index[0], grid_m, grid_n, starts_ref, ends_ref, first_ref, steps_ref)
 
         def store(tile) -> None:
           """This consumer's ``[bm, bn]`` tile (``None``: zeros)."""
