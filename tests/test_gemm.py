@@ -187,8 +187,8 @@ def test_work_items_cover_every_row_once(seed):
   # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
   total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  items, zeros = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m, num_bands,
-                                   num_sms, row_chunks)
+  items, zeros, loop = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m,
+                                         num_bands, num_sms, row_chunks)
   groups, blocks, los, his = (np.asarray(a) for a in items)
   zfirst, zcount = (np.asarray(a) for a in zeros)
   zero_from = -(-total // block_m)
@@ -206,15 +206,48 @@ def test_work_items_cover_every_row_once(seed):
   real_blocks = blocks[used & (groups < num_groups)]
   assert (np.diff(real_blocks) >= 0).all(), "items with products stay in row order"
   # Zero chunks: every chunk of every all-zero block exactly once, in near-equal runs over the
-  # iterations (item, band) of the used items (at least one iteration per SM).
+  # iterations (item, band) of the used items and larger ones over the idle iterations of
+  # the last wave (at least one wave of iterations).
   assert zfirst.shape == zcount.shape == (len(groups) * num_bands,)
   chunk_owner = np.zeros(num_blocks * row_chunks, int)
   for first, count in zip(zfirst, zcount):
     chunk_owner[first:first + count] += 1
   np.testing.assert_array_equal(chunk_owner, np.arange(num_blocks * row_chunks) >= zero_from * row_chunks)
-  spread = max(used.sum(), min(len(groups), -(-num_sms // num_bands))) * num_bands
-  assert not zcount[spread:].any()
-  assert np.ptp(zcount[:spread]) <= 1, "runs are even"
+  busy = used.sum() * num_bands
+  slots = min(max(-(-busy // num_sms), 1) * num_sms, len(groups) * num_bands)
+  np.testing.assert_array_equal(np.asarray(loop), [used.sum(), slots])  # The kernel's loop.
+  assert not zcount[slots:].any(), "no zeros past the last wave"
+  # A product's iteration is one share, an idle one idle_weight=4; a share is per or per + 1.
+  per = (num_blocks - zero_from) * row_chunks // (busy + 4 * (slots - busy))
+  assert ((zcount[:busy] >= per) & (zcount[:busy] <= per + 1)).all(), "even runs over products"
+  assert ((zcount[busy:slots] >= 4 * per) & (zcount[busy:slots] <= 4 * per + 4)).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("snake", [False, True])
+def test_wgrad_tiles_dealt_once(seed, snake):
+  """Both wgrads' schedules: every (group, K block, M band) tile in exactly one valid loop
+  step, with its group's row range; the snake hands each wave's longest tiles out first."""
+  rng = np.random.default_rng(seed)
+  num_groups, grid_m, grid_n = int(rng.integers(1, 20)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+  num_sms, block = int(rng.integers(1, 140)), 64
+  sizes = rng.multinomial(int(rng.integers(0, 5000)), rng.dirichlet(np.ones(num_groups)))
+  starts, ends, first, steps = mosaic._group_blocks(jnp.asarray(sizes, jnp.int32), block)
+  order = mosaic._longest_first(steps) if snake else None
+  num_tiles = num_groups * grid_m * grid_n
+  t = jnp.arange(mosaic._wgrad_steps(num_tiles, num_sms), dtype=jnp.int32)
+  valid, g, mi, ni, start, end, _, nsteps = (np.asarray(a) for a in mosaic._wgrad_tile(
+      t, num_sms, grid_m, grid_n, num_groups, order, starts, ends, first, steps))
+  assert valid.sum() == num_tiles and not nsteps[~valid].any()
+  tiles = sorted(zip(g[valid], mi[valid], ni[valid]))
+  assert tiles == [(a, b, c) for a in range(num_groups) for b in range(grid_m) for c in range(grid_n)]
+  want_ends = np.cumsum(sizes)
+  np.testing.assert_array_equal(end[valid], want_ends[g[valid]])
+  np.testing.assert_array_equal(start[valid], (want_ends - sizes)[g[valid]])
+  if snake:  # Ranked by row blocks: no tile of a wave is longer than any of the wave before.
+    waves = [nsteps[w:w + num_sms][valid[w:w + num_sms]] for w in range(0, len(t), num_sms)]
+    for before, after in zip(waves, waves[1:]):
+      assert after.max() <= before.min()
 
 
 def test_argument_errors():

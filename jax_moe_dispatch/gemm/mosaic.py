@@ -22,8 +22,9 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
 
   Either way the cost follows the real rows, not the static row count.
 * :func:`tgmm`: ``out[g] = x_g.T @ y_g`` for every group, the wgrad. Each tile
-  pipelines over the row blocks of its group only; the first and last block of
-  a group are masked (select) to the group's rows. Empty groups give zeros.
+  pipelines over the row blocks of its group only; in a block that holds other
+  rows, those rows of ``y`` are zeroed (a select), and of ``x`` the rows past
+  ``sum(group_sizes)`` (:func:`_foreign_rows`). Empty groups give zeros.
 
 A small plan (the work items, or per row block the first and last group it
 touches) is computed by XLA before the kernel from ``group_sizes``; nothing
@@ -145,13 +146,61 @@ def _group_blocks(group_sizes: jax.Array, block: int):
   return starts, ends, first.astype(jnp.int32), num_blocks.astype(jnp.int32)
 
 
-def _wgrad_tile(idx, grid_m: int, grid_n: int, starts_ref, ends_ref, first_ref, steps_ref):
-  """Tile ``idx`` of a wgrad's ``nd_loop`` (group-major, then ``K`` blocks, then ``M`` bands):
-  ``(g, mi, ni)`` and the group's ``(start, end, first row block, row blocks)`` from the
-  :func:`_group_blocks` refs."""
-  g = idx // (grid_m * grid_n)
-  return (g, (idx // grid_n) % grid_m, idx % grid_n,
-          starts_ref[g], ends_ref[g], first_ref[g], steps_ref[g])
+def _longest_first(num_blocks: jax.Array) -> jax.Array:
+  """The groups by descending row blocks, ties by index (int32): :func:`_wgrad_tile`'s snake."""
+  return jnp.argsort(-num_blocks, stable=True).astype(jnp.int32)
+
+
+def _wgrad_steps(num_tiles: int, num_sms: int) -> int:
+  """Loop steps of a wgrad's ``nd_loop``: whole waves of ``num_sms`` (:func:`_wgrad_tile`)."""
+  return pl.cdiv(num_tiles, num_sms) * num_sms
+
+
+def _wgrad_tile(t, num_sms: int, grid_m: int, grid_n: int, num_groups: int, order_ref,
+                starts_ref, ends_ref, first_ref, steps_ref):
+  """Loop step ``t``'s wgrad tile (``nd_loop`` gives step ``t`` to SM ``t % num_sms``).
+
+  A tile costs its group's row blocks, and groups differ. With ``order_ref``
+  ``None`` the tiles are dealt in group order, so an SM gets the tiles of
+  every ``num_sms / (grid_m * grid_n)``-th group only: fine where a group has
+  about as many tiles as there are SMs (the one-consumer wgrad at K=2048,
+  M=1024: 128 tiles), 1.3-1.4x the mean work where it has half as many (the
+  two-consumer one there, Zipf groups). With ``order_ref`` (the groups by
+  descending row blocks, :func:`_longest_first`) the tiles are ranked longest
+  first and dealt in a snake: wave ``w`` gives rank ``w * num_sms + p`` to SM
+  ``p``, or to SM ``num_sms - 1 - p`` in odd waves (within 1.1x of the mean
+  there). On an H200 the snake took the two-consumer wgrad from 156 to 149 us
+  at that shape and from 1118 to 1103 us at (49152, 4096, 1408, 64), and the
+  one-consumer wgrad from 145 to 150 us; so only the two-consumer wgrad
+  deals one.
+
+  Returns ``(valid, g, mi, ni, start, end, first, steps)``: whether the step
+  has a tile (the last wave may be short), the group, the ``K`` block and ``M``
+  band, and the group's rows ``[start, end)``, first row block and row blocks
+  (0 where not valid).
+  """
+  per_group = grid_m * grid_n
+  rank = t
+  if order_ref is not None:
+    wave, p = t // num_sms, t % num_sms
+    rank = wave * num_sms + jnp.where(wave % 2 == 0, p, num_sms - 1 - p)
+  valid = rank < num_groups * per_group
+  rank = jnp.minimum(rank, num_groups * per_group - 1)
+  g = rank // per_group if order_ref is None else order_ref[rank // per_group]
+  j = rank % per_group
+  return (valid, g, j // grid_n, j % grid_n, starts_ref[g], ends_ref[g], first_ref[g],
+          jnp.where(valid, steps_ref[g], 0))
+
+
+def _foreign_rows(row0, rows: int, start, end):
+  """Whether rows ``[row0, row0 + rows)`` hold rows outside a group's ``[start, end)``.
+
+  The wgrad zeroes those rows of ``y`` in such a step, so that they add
+  nothing to the group's ``x.T @ y``; of ``x`` it zeroes only the rows past
+  ``sum(group_sizes)``, which may hold anything (NaN too). Rows of other
+  groups are the caller's data: ``0 * x`` is zero for any finite ``x``.
+  """
+  return (row0 < start) | (row0 + rows > end)
 
 
 def _swizzled(minor: int, dtype) -> tuple:
@@ -382,25 +431,29 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   grid_m, grid_n = k // bm, m // bn
-  starts, ends, first_block, num_steps = _group_blocks(group_sizes, bk)
+  plan = _group_blocks(group_sizes, bk)
+  sms = num_sms or _num_sms()
   transforms = functools.partial(_swizzled, dtype=x.dtype)
 
   def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
-    @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
+    @plgpu.nd_loop((_wgrad_steps(num_groups * grid_m * grid_n, sms),), collective_axes="sm")
     def _tile(info):
-      g, mi, ni, start, end, first, steps = _wgrad_tile(
-          info.index[0], grid_m, grid_n, starts_ref, ends_ref, first_ref, steps_ref)
+      valid, g, mi, ni, start, end, first, steps = _wgrad_tile(
+          info.index[0], sms, grid_m, grid_n, num_groups, None, starts_ref, ends_ref,
+          first_ref, steps_ref)
+      total = ends_ref[num_groups - 1]
 
       def scope(acc_ref):
         def step(idx_k, x_smem, y_smem):
-          i = idx_k[0]
-          row0 = (first + i) * bk
+          row0 = (first + idx_k[0]) * bk
 
-          @pl.when((i == 0) | (i == steps - 1))
-          def _mask_group_edges():
-            rows_x = _rows_iota((bk, bm), row0, interpret)
-            keep_x = (rows_x >= start) & (rows_x < end)
-            x_smem[...] = jnp.where(keep_x, x_smem[...], jnp.zeros((), x_smem.dtype))
+          @pl.when(_foreign_rows(row0, bk, start, end))
+          def _mask_other_rows():
+            @pl.when(row0 + bk > total)
+            def _zero_x_past_the_groups():
+              rows_x = _rows_iota((bk, bm), row0, interpret)
+              x_smem[...] = jnp.where(rows_x < total, x_smem[...], jnp.zeros((), x_smem.dtype))
+
             rows_y = _rows_iota((bk, bn), row0, interpret)
             keep_y = (rows_y >= start) & (rows_y < end)
             y_smem[...] = jnp.where(keep_y, y_smem[...], jnp.zeros((), y_smem.dtype))
@@ -424,21 +477,23 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
 
         return acc_ref[...]
 
-      acc = pl.run_scoped(scope, plgpu.ACC((bm, bn)))
+      @pl.when(valid)
+      def _valid():
+        acc = pl.run_scoped(scope, plgpu.ACC((bm, bn)))
 
-      @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
-      def _store(o_smem):
-        o_smem[...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+        def _store(o_smem):
+          o_smem[...] = acc.astype(out_dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, interpret)
-  return kernel(starts, ends, first_block, num_steps, x, y)
+  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, sms, interpret)
+  return kernel(*plan, x, y)
 
 
 def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
-               num_sms: int, row_chunks: int):
+               num_sms: int, row_chunks: int, idle_weight: int = 4):
   """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
 
   The rows past ``sum(group_sizes)`` up to the next block boundary form one
@@ -457,8 +512,14 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   share when there are few products). BENCHMARKS.md has the measured cost of
   4x padding rows with this plan and with the zeros as items of their own.
 
+  The kernel's loop runs the ``slots`` iterations of those waves only (the
+  products first, then the idle ones), not one per item of the static row
+  count: at 4x padding rows most items are unused, and their empty iterations
+  had cost an SM about a microsecond each.
+
   Returns ``((group, block, lo, hi) per item, (zfirst, zcount) per
-  iteration)``, int32: rows ``[lo, hi)`` of block ``block`` (block-relative).
+  iteration, (used items, slots))``, int32: rows ``[lo, hi)`` of block
+  ``block`` (block-relative).
   """
   num_groups = group_sizes.shape[0]
   num_blocks = num_rows // block_m
@@ -478,14 +539,20 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   lo = jnp.where(used, jnp.maximum(starts[g], row0) - row0, 0)
   hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
   block = jnp.where(used, block, 0)
-  # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks) in near-equal runs.
-  spread = jnp.maximum(item_end[-1], min(num_items, -(-num_sms // num_bands))) * num_bands
-  q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
-  per, extra = divmod((num_blocks - zero_from) * row_chunks, spread)
-  zfirst = zero_from * row_chunks + q * per + jnp.minimum(q, extra)
-  zcount = jnp.where(q < spread, per + (q < extra), 0)
+  # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks), dealt in proportion to
+  # each iteration's capacity: 1 for a product's, idle_weight for the iterations of the
+  # last wave that have no product (nothing else to do), 0 past that wave. Capacity unit u
+  # takes per + (u < extra) chunks: runs as near-equal as the weights allow.
+  busy = item_end[-1] * num_bands
+  slots = jnp.minimum(jnp.maximum(pl.cdiv(busy, num_sms), 1) * num_sms, num_items * num_bands)
+  q = jnp.arange(num_items * num_bands + 1, dtype=jnp.int32)
+  cap = jnp.where(q <= busy, q, busy + idle_weight * (jnp.minimum(q, slots) - busy))
+  per, extra = divmod((num_blocks - zero_from) * row_chunks, cap[-1])
+  edge = zero_from * row_chunks + cap * per + jnp.minimum(cap, extra)
+  zfirst, zcount = edge[:-1], jnp.diff(edge)
   return (tuple(a.astype(jnp.int32) for a in (g, block, lo, hi)),
-          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)))
+          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)),
+          jnp.stack([item_end[-1], slots]).astype(jnp.int32))
 
 
 def _store_rows(src, dst, lo, hi, block_m: int) -> None:
@@ -569,8 +636,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   # nothing.
   grid_n = pl.cdiv(m, cta_n)
   row_chunks = m // epi_n
-  items, zeros = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms(), row_chunks)
-  num_items = items[0].shape[0]
+  items, zeros, loop = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms(),
+                                  row_chunks)
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -581,7 +648,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, x_ref, w_ref, o_ref):
+  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, loop_ref, x_ref, w_ref,
+           o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -595,12 +663,19 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         collective_axes="wg",
     )
     def _scope(allocs, o_smem):
-      @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+      used_items = loop_ref[0]
+
+      @plgpu.nd_loop((loop_ref[1],), collective_axes="sm")
       def _item(info):
-        if cfg.grid_block_n >= grid_n:
-          item, ni = info.index[0] // grid_n, info.index[0] % grid_n
-        else:
-          item, ni = plgpu.planar_snake(info.index[0], (num_items, grid_n), 1, cfg.grid_block_n)
+        t = info.index[0]
+        # Step t < used items x bands: a product, in bands of grid_block_n columns; after
+        # them the idle iterations of the last wave (unused items: zero stores only).
+        item, ni = t // grid_n, t % grid_n
+        if cfg.grid_block_n < grid_n:
+          s_item, s_ni = plgpu.planar_snake(t, (jnp.maximum(used_items, 1), grid_n), 1,
+                                            cfg.grid_block_n)
+          product_step = t < used_items * grid_n
+          item, ni = jnp.where(product_step, s_item, item), jnp.where(product_step, s_ni, ni)
         g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
         q = item * grid_n + ni
         zfirst, zcount = zfirst_ref[q], zcount_ref[q]
@@ -673,7 +748,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
   kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(*items, *zeros, x, w)
+  return kernel(*items, *zeros, loop, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
@@ -685,11 +760,12 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   producer streams the group's row blocks of ``x`` (``block_m`` columns) and
   ``y`` (``2 block_n`` columns) through shared memory; consumer ``i``
   accumulates columns ``[i * block_n, (i + 1) * block_n)`` and stores them
-  while the producer already loads the next item. In a group's first and last
-  row block the rows of other groups are masked: each consumer zeroes them in
-  its own half of the ``y`` tile and in its own copy of the ``x`` tile (the
-  shared ``x`` tile is left as loaded, so the consumers never write the same
-  memory). An output width that is an odd multiple of ``block_n`` ends in a
+  while the producer already loads the next item. In a row block that holds
+  other rows, each consumer zeroes those rows in its own half of the ``y``
+  tile; where the block runs past ``sum(group_sizes)`` also in its own copy of
+  the ``x`` tile (the shared ``x`` tile is left as loaded, so the consumers
+  never write the same memory; :func:`_foreign_rows`). The tiles are dealt to
+  the SMs longest first, in a snake (:func:`_wgrad_tile`). An output width that is an odd multiple of ``block_n`` ends in a
   half band (the TMA engine reads zeros past the last column; consumer 1 stores
   nothing there). Empty groups store zeros.
   """
@@ -705,7 +781,9 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   epi_n = _staging_cols(bn, out_dtype)
   grid_m, grid_n = k // bm, pl.cdiv(m, cta_n)
-  starts, ends, first_block, num_steps = _group_blocks(group_sizes, bk)
+  plan = _group_blocks(group_sizes, bk)
+  order = _longest_first(plan[-1])
+  sms = num_sms or _num_sms()
   transforms = functools.partial(_swizzled, dtype=x.dtype)
 
   def pipeline(step, context, first, steps):
@@ -716,7 +794,7 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
         plgpu.BlockSpec((bk, cta_n), rows, transforms=transforms(cta_n), delay_release=1),
     ])
 
-  def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
+  def body(order_ref, starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -729,10 +807,12 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
         collective_axes="wg",
     )
     def _scope(allocs, x_own, o_smem):
-      @plgpu.nd_loop((num_groups * grid_m * grid_n,), collective_axes="sm")
+      @plgpu.nd_loop((_wgrad_steps(num_groups * grid_m * grid_n, sms),), collective_axes="sm")
       def _item(info):
-        g, mi, ni, start, end, first, steps = _wgrad_tile(
-            info.index[0], grid_m, grid_n, starts_ref, ends_ref, first_ref, steps_ref)
+        valid, g, mi, ni, start, end, first, steps = _wgrad_tile(
+            info.index[0], sms, grid_m, grid_n, num_groups, order_ref, starts_ref, ends_ref,
+            first_ref, steps_ref)
+        total = ends_ref[num_groups - 1]
 
         def store(tile) -> None:
           """This consumer's ``[bm, bn]`` tile (``None``: zeros)."""
@@ -744,18 +824,19 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
                                has_columns=ni * cta_n + wg * bn < m if m % cta_n else None)
 
         def step(idx_k, x_smem, y_smem, acc_ref):
-          i = idx_k[0]
           cols = pl.ds(wg * bn, bn)
           y_cols = y_smem.at[:, cols]
-          row0 = (first + i) * bk
-          edge = (i == 0) | (i == steps - 1)
+          row0 = (first + idx_k[0]) * bk
+          past = row0 + bk > total
 
-          @pl.when(edge)
-          def _mask_other_groups_rows():
-            plgpu.wgmma_wait(0)  # The previous step's product may still read x_own[wg].
-            rows_x = _rows_iota((bk, bm), row0, None)
-            x_own[wg] = jnp.where((rows_x >= start) & (rows_x < end), x_smem[...],
-                                  jnp.zeros((), x_smem.dtype))
+          @pl.when(_foreign_rows(row0, bk, start, end))
+          def _mask_other_rows():
+            @pl.when(past)
+            def _zero_x_past_the_groups():
+              plgpu.wgmma_wait(0)  # The previous step's product may still read x_own[wg].
+              rows_x = _rows_iota((bk, bm), row0, None)
+              x_own[wg] = jnp.where(rows_x < total, x_smem[...], jnp.zeros((), x_smem.dtype))
+
             rows_y = _rows_iota((bk, bn), row0, None)
             y_cols[...] = jnp.where((rows_y >= start) & (rows_y < end), y_cols[...],
                                     jnp.zeros((), y_smem.dtype))
@@ -764,8 +845,8 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
           def product(a_ref):
             plgpu.wgmma(acc_ref, a_ref.transpose((1, 0)), y_cols)
 
-          pl.when(edge)(lambda: product(x_own.at[wg]))
-          pl.when(~edge)(lambda: product(x_smem))
+          pl.when(past)(lambda: product(x_own.at[wg]))
+          pl.when(~past)(lambda: product(x_smem))
           plgpu.wgmma_wait(1)
           return acc_ref
 
@@ -781,12 +862,12 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
                                                 y_ref.at[:, pl.ds(ni * cta_n, cta_n)],
                                                 allocations=allocs)
 
-        @pl.when((steps == 0) & (wg < 2))
+        @pl.when(valid & (steps == 0) & (wg < 2))
         def _empty_group():
           store(None)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, num_sms, None,
+  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, sms, None,
                               num_threads=3, thread_name="wg")
-  return kernel(starts, ends, first_block, num_steps, x, y)
+  return kernel(order, *plan, x, y)
