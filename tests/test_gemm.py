@@ -187,8 +187,8 @@ def test_work_items_cover_every_row_once(seed):
   # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
   total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  items, zeros, loop = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m,
-                                         num_bands, num_sms, row_chunks)
+  items, zeros, item_end = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m,
+                                             num_bands, num_sms, row_chunks)
   groups, blocks, los, his = (np.asarray(a) for a in items)
   zfirst, zcount = (np.asarray(a) for a in zeros)
   zero_from = -(-total // block_m)
@@ -215,7 +215,8 @@ def test_work_items_cover_every_row_once(seed):
   np.testing.assert_array_equal(chunk_owner, np.arange(num_blocks * row_chunks) >= zero_from * row_chunks)
   busy = used.sum() * num_bands
   slots = min(max(-(-busy // num_sms), 1) * num_sms, len(groups) * num_bands)
-  np.testing.assert_array_equal(np.asarray(loop), [used.sum(), slots])  # The kernel's loop.
+  assert item_end[-1] == used.sum()
+  assert mosaic._loop_slots(item_end[-1] * num_bands, num_sms, len(groups) * num_bands) == slots
   assert not zcount[slots:].any(), "no zeros past the last wave"
   # A product's iteration is one share, an idle one idle_weight=4; a share is per or per + 1.
   per = (num_blocks - zero_from) * row_chunks // (busy + 4 * (slots - busy))

@@ -518,8 +518,10 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   had cost an SM about a microsecond each.
 
   Returns ``((group, block, lo, hi) per item, (zfirst, zcount) per
-  iteration, (used items, slots))``, int32: rows ``[lo, hi)`` of block
-  ``block`` (block-relative).
+  iteration, item_end)``, int32: rows ``[lo, hi)`` of block ``block``
+  (block-relative); ``item_end[G]`` is the number of used items, from which the
+  kernel sizes its loop (:func:`_loop_slots`; ``item_end`` is a buffer XLA
+  has anyway, where a new scalar would cost one more small kernel).
   """
   num_groups = group_sizes.shape[0]
   num_blocks = num_rows // block_m
@@ -544,15 +546,20 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   # last wave that have no product (nothing else to do), 0 past that wave. Capacity unit u
   # takes per + (u < extra) chunks: runs as near-equal as the weights allow.
   busy = item_end[-1] * num_bands
-  slots = jnp.minimum(jnp.maximum(pl.cdiv(busy, num_sms), 1) * num_sms, num_items * num_bands)
-  q = jnp.arange(num_items * num_bands + 1, dtype=jnp.int32)
-  cap = jnp.where(q <= busy, q, busy + idle_weight * (jnp.minimum(q, slots) - busy))
-  per, extra = divmod((num_blocks - zero_from) * row_chunks, cap[-1])
-  edge = zero_from * row_chunks + cap * per + jnp.minimum(cap, extra)
-  zfirst, zcount = edge[:-1], jnp.diff(edge)
+  slots = _loop_slots(busy, num_sms, num_items * num_bands)
+  cap = lambda q: jnp.where(q <= busy, q, busy + idle_weight * (jnp.minimum(q, slots) - busy))
+  per, extra = divmod((num_blocks - zero_from) * row_chunks, cap(slots))
+  edge = lambda q: zero_from * row_chunks + cap(q) * per + jnp.minimum(cap(q), extra)
+  q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
+  zfirst, zcount = edge(q), edge(q + 1) - edge(q)  # Elementwise in q: one fusion.
   return (tuple(a.astype(jnp.int32) for a in (g, block, lo, hi)),
-          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)),
-          jnp.stack([item_end[-1], slots]).astype(jnp.int32))
+          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)), item_end.astype(jnp.int32))
+
+
+def _loop_slots(busy, num_sms: int, num_iterations: int):
+  """Iterations of :func:`_gmm_ws`'s loop: the whole waves that hold its ``busy`` product
+  iterations (at least one wave), at most ``num_iterations``."""
+  return jnp.minimum(jnp.maximum(pl.cdiv(busy, num_sms), 1) * num_sms, num_iterations)
 
 
 def _store_rows(src, dst, lo, hi, block_m: int) -> None:
@@ -636,8 +643,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   # nothing.
   grid_n = pl.cdiv(m, cta_n)
   row_chunks = m // epi_n
-  items, zeros, loop = _pair_plan(group_sizes, num_rows, bm, grid_n, num_sms or _num_sms(),
-                                  row_chunks)
+  sms = num_sms or _num_sms()
+  items, zeros, item_end = _pair_plan(group_sizes, num_rows, bm, grid_n, sms, row_chunks)
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -648,8 +655,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, loop_ref, x_ref, w_ref,
-           o_ref):
+  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, item_end_ref, x_ref,
+           w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -663,9 +670,11 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         collective_axes="wg",
     )
     def _scope(allocs, o_smem):
-      used_items = loop_ref[0]
+      used_items = item_end_ref[num_groups]
+      num_items = group_ref.shape[0]
 
-      @plgpu.nd_loop((loop_ref[1],), collective_axes="sm")
+      @plgpu.nd_loop((_loop_slots(used_items * grid_n, sms, num_items * grid_n),),
+                     collective_axes="sm")
       def _item(info):
         t = info.index[0]
         # Step t < used items x bands: a product, in bands of grid_block_n columns; after
@@ -746,9 +755,9 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret,
+  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, sms, interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(*items, *zeros, loop, x, w)
+  return kernel(*items, *zeros, item_end, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
