@@ -218,10 +218,11 @@ def test_work_items_cover_every_row_once(seed):
   assert item_end[-1] == used.sum()
   assert mosaic._loop_slots(item_end[-1] * num_bands, num_sms, len(groups) * num_bands) == slots
   assert not zcount[slots:].any(), "no zeros past the last wave"
-  # A product's iteration is one share, an idle one idle_weight=4; a share is per or per + 1.
-  per = (num_blocks - zero_from) * row_chunks // (busy + 4 * (slots - busy))
+  # A product's iteration is one share, an idle one _IDLE_SHARES; a share is per or per + 1.
+  shares = mosaic._IDLE_SHARES
+  per = (num_blocks - zero_from) * row_chunks // (busy + shares * (slots - busy))
   assert ((zcount[:busy] >= per) & (zcount[:busy] <= per + 1)).all(), "even runs over products"
-  assert ((zcount[busy:slots] >= 4 * per) & (zcount[busy:slots] <= 4 * per + 4)).all()
+  assert ((zcount[busy:slots] >= shares * per) & (zcount[busy:slots] <= shares * (per + 1))).all()
 
 
 @pytest.mark.parametrize("seed", range(4))

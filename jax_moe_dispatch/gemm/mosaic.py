@@ -492,8 +492,14 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   return kernel(*plan, x, y)
 
 
+# Zero-chunk shares of an iteration of the last wave that has no product (a product's
+# iteration has one): it has nothing else to do. H200, small shape with 4x padding rows:
+# dgrad 186.3 -> 183.4 us from 1 to 4 shares, the forward unchanged; 12 slowed the forward.
+_IDLE_SHARES = 4
+
+
 def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
-               num_sms: int, row_chunks: int, idle_weight: int = 4):
+               num_sms: int, row_chunks: int):
   """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
 
   The rows past ``sum(group_sizes)`` up to the next block boundary form one
@@ -507,15 +513,18 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   iterations store them while their products run, so that the zero stores
   overlap the multiplications instead of following them. Iteration ``(p,
   band)`` stores the ``zcount[q]`` chunks from ``zfirst[q]``, ``q = p *
-  num_bands + band``: near-equal row-major runs over the iterations of the used
-  items (at least ``ceil(num_sms / num_bands)`` items, so that every SM takes a
-  share when there are few products). BENCHMARKS.md has the measured cost of
-  4x padding rows with this plan and with the zeros as items of their own.
+  num_bands + band``: row-major runs over the iterations of the waves that
+  hold the products (at least one wave, so that every SM takes a share when
+  there are few products), one share for a product's iteration and
+  ``_IDLE_SHARES`` for one of the last wave without a product, the shares as
+  near-equal as that allows. BENCHMARKS.md has the measured cost of 4x padding
+  rows.
 
-  The kernel's loop runs the ``slots`` iterations of those waves only (the
-  products first, then the idle ones), not one per item of the static row
-  count: at 4x padding rows most items are unused, and their empty iterations
-  had cost an SM about a microsecond each.
+  The kernel's loop runs the iterations of those waves only (the products
+  first, then the idle ones; :func:`_loop_slots`), not one per item of the
+  static row count: at 4x padding rows most items are unused, and their empty
+  iterations had cost the padded forward 2 us and the dgrad 7 us at the small
+  benchmark shape.
 
   Returns ``((group, block, lo, hi) per item, (zfirst, zcount) per
   iteration, item_end)``, int32: rows ``[lo, hi)`` of block ``block``
@@ -542,12 +551,11 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
   block = jnp.where(used, block, 0)
   # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks), dealt in proportion to
-  # each iteration's capacity: 1 for a product's, idle_weight for the iterations of the
-  # last wave that have no product (nothing else to do), 0 past that wave. Capacity unit u
-  # takes per + (u < extra) chunks: runs as near-equal as the weights allow.
+  # each iteration's shares (cap(q) shares before iteration q; none past the last wave):
+  # share u takes per + (u < extra) chunks.
   busy = item_end[-1] * num_bands
   slots = _loop_slots(busy, num_sms, num_items * num_bands)
-  cap = lambda q: jnp.where(q <= busy, q, busy + idle_weight * (jnp.minimum(q, slots) - busy))
+  cap = lambda q: jnp.where(q <= busy, q, busy + _IDLE_SHARES * (jnp.minimum(q, slots) - busy))
   per, extra = divmod((num_blocks - zero_from) * row_chunks, cap(slots))
   edge = lambda q: zero_from * row_chunks + cap(q) * per + jnp.minimum(cap(q), extra)
   q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
@@ -774,9 +782,10 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   tile; where the block runs past ``sum(group_sizes)`` also in its own copy of
   the ``x`` tile (the shared ``x`` tile is left as loaded, so the consumers
   never write the same memory; :func:`_foreign_rows`). The tiles are dealt to
-  the SMs longest first, in a snake (:func:`_wgrad_tile`). An output width that is an odd multiple of ``block_n`` ends in a
-  half band (the TMA engine reads zeros past the last column; consumer 1 stores
-  nothing there). Empty groups store zeros.
+  the SMs longest first, in a snake (:func:`_wgrad_tile`). An output width
+  that is an odd multiple of ``block_n`` ends in a half band (the TMA engine
+  reads zeros past the last column; consumer 1 stores nothing there). Empty
+  groups store zeros.
   """
   if interpret is not None:
     raise NotImplementedError(

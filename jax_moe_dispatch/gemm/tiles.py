@@ -38,8 +38,9 @@ _ONE_CONSUMER = {
 
 # The wgrad's output tiles are [K, M] per group: from K = 4096 on, the two-consumer wgrad
 # wins (H200, skewed groups, 2026-11-24: 1209 -> 1158 us at K=4096, M=1408 and 3345 -> 3003 us
-# at K=7168, M=2048), below it loses (145 -> 153 us at K=2048, M=1024). Three stages fill its
-# shared memory (x, dy, each consumer's masked x copy, the output staging).
+# at K=7168, M=2048), below it loses (145 -> 153 us at K=2048, M=1024; 145 -> 149 after
+# both wgrads' one-operand masking and the two-consumer one's longest-first schedule).
+# Three stages fill its shared memory (x, dy, each consumer's masked x copy, the staging).
 _WS_WGRAD_MIN_K = 4096
 _WS_WGRAD = TileConfig(block_m=128, block_n=128, block_k=64, steps=3, consumers=2)
 
