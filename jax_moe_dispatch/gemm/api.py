@@ -209,6 +209,12 @@ def grouped_matmul(
   Returns:
     ``[N, M]``: row ``r`` of group ``g`` is ``x[r] @ w[g]``; rows past
     ``sum(group_sizes)`` are zero. Differentiable in ``x`` and ``w``.
+
+  Rows past ``sum(group_sizes)`` may hold anything (NaN too): they reach no
+  output or gradient. On the Hopper kernels an inf or NaN inside a group's
+  rows of ``x`` can also reach the weight gradient of a group whose rows share
+  its 64-row block (as ``0 * inf``), where ``jax.lax.ragged_dot`` would keep it
+  out; the forward output of those rows is non-finite either way.
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} is not one of {_IMPLEMENTATIONS}.")
