@@ -176,8 +176,8 @@ def test_mosaic_refuses_with_the_fix():
 @pytest.mark.parametrize("seed", range(8))
 def test_work_items_cover_every_row_once(seed):
   """The two-consumer gmm's plan: each row up to the first all-zero block is in exactly one
-  item, of its own group (or of the past-the-end group G); the all-zero blocks are zero
-  chunks, each in exactly one iteration's run."""
+  item, of its own group (or of the past-the-end group G), items starting near their
+  group's first row; the all-zero blocks are zero chunks, each in exactly one iteration's run."""
   rng = np.random.default_rng(seed)
   block_m, num_groups = 128, int(rng.integers(1, 9))
   num_blocks = int(rng.integers(1, 40))
@@ -189,13 +189,17 @@ def test_work_items_cover_every_row_once(seed):
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
   items, zeros, item_end = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m,
                                              num_bands, num_sms, row_chunks)
-  groups, blocks, los, his = (np.asarray(a) for a in items)
+  groups, row0s, los, his = (np.asarray(a) for a in items)
   zfirst, zcount = (np.asarray(a) for a in zeros)
   zero_from = -(-total // block_m)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  align = mosaic._ROW_ALIGN
   owner = np.full(num_rows, -1)
-  for g, b, lo, hi in zip(groups, blocks, los, his):
-    assert 0 <= lo <= hi <= block_m
-    rows = slice(b * block_m + lo, b * block_m + hi)
+  for g, row0, lo, hi in zip(groups, row0s, los, his):
+    assert 0 <= lo <= hi <= block_m and row0 % align == 0
+    if hi > lo:  # Blocks from the group's first row (rounded down), block_m rows apart.
+      assert (row0 - starts[g] // align * align) % block_m == 0
+    rows = slice(row0 + lo, row0 + hi)
     assert (owner[rows] == -1).all(), "a row is in two items"
     owner[rows] = g
   want = np.repeat(np.arange(num_groups + 1), list(sizes) + [zero_from * block_m - total])
@@ -203,8 +207,13 @@ def test_work_items_cover_every_row_once(seed):
   assert (owner[zero_from * block_m:] == -1).all(), "all-zero blocks are no items"
   used = his > los
   assert not used[used.sum():].any(), "unused items must come last"
-  real_blocks = blocks[used & (groups < num_groups)]
-  assert (np.diff(real_blocks) >= 0).all(), "items with products stay in row order"
+  # Cost follows the real rows: ceil(rows / block_m) items per group (its rows from the
+  # aligned start), none per group boundary.
+  spans = [e - b // align * align for b, e in zip(starts[:-1], starts[1:]) if e > b]
+  spans += [zero_from * block_m - total + total % align] if zero_from * block_m > total else []
+  assert used.sum() == sum(-(-s // block_m) for s in spans)
+  assert len(groups) == mosaic._max_items(num_rows, block_m, num_groups)
+  assert (np.diff(row0s[used] + los[used]) > 0).all(), "items stay in row order"
   # Zero chunks: every chunk of every all-zero block exactly once, in near-equal runs over the
   # iterations (item, band) of the used items and larger ones over the idle iterations of
   # the last wave (at least one wave of iterations).

@@ -10,9 +10,10 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
     producer warpgroup streams the operands through shared memory for two
     consumer warpgroups that share a ``block_m x 2 block_n`` tile and store
     their halves while the producer loads the next tile. Work items are
-    (group, row block) pairs: a block that straddles groups is one item per
-    group, each computing the block and storing only its group's rows
-    (power-of-two TMA pieces), so garbage in other rows cannot leak in. Rows
+    blocks of one group's rows, from about the group's first row on (a
+    multiple of 8), so a group boundary costs no extra item; each computes
+    its whole block and stores only its group's rows (power-of-two TMA
+    pieces), so garbage in other rows cannot leak in. Rows
     past ``sum(group_sizes)`` get zero stores that the items issue during
     their products' pipeline steps, so they overlap the multiplications.
   - 1: one warpgroup per tile. A block that lies inside one group is one
@@ -201,6 +202,13 @@ def _foreign_rows(row0, rows: int, start, end):
   groups are the caller's data: ``0 * x`` is zero for any finite ``x``.
   """
   return (row0 < start) | (row0 + rows > end)
+
+
+def _keep_rows(dst, src, row0, lo, hi, interpret) -> None:
+  """``dst = src`` on the rows ``[lo, hi)`` of the block starting at row ``row0``, zeros
+  elsewhere (shared-memory tiles of one shape; ``src`` may be ``dst``)."""
+  rows = _rows_iota(dst.shape, row0, interpret)
+  dst[...] = jnp.where((rows >= lo) & (rows < hi), src[...], jnp.zeros((), dst.dtype))
 
 
 def _swizzled(minor: int, dtype) -> tuple:
@@ -449,14 +457,9 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
 
           @pl.when(_foreign_rows(row0, bk, start, end))
           def _mask_other_rows():
-            @pl.when(row0 + bk > total)
-            def _zero_x_past_the_groups():
-              rows_x = _rows_iota((bk, bm), row0, interpret)
-              x_smem[...] = jnp.where(rows_x < total, x_smem[...], jnp.zeros((), x_smem.dtype))
-
-            rows_y = _rows_iota((bk, bn), row0, interpret)
-            keep_y = (rows_y >= start) & (rows_y < end)
-            y_smem[...] = jnp.where(keep_y, y_smem[...], jnp.zeros((), y_smem.dtype))
+            pl.when(row0 + bk > total)(
+                lambda: _keep_rows(x_smem, x_smem, row0, 0, total, interpret))
+            _keep_rows(y_smem, y_smem, row0, start, end, interpret)
             plgpu.commit_smem()
 
           _mma(acc_ref, x_smem, y_smem, transpose_a=True, transpose_b=False, interpret=interpret)
@@ -500,12 +503,19 @@ _IDLE_SHARES = 4
 
 def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
                num_sms: int, row_chunks: int):
-  """Work items of :func:`gmm_ws`: every (group, row block) pair that shares rows.
+  """Work items of :func:`gmm_ws`: every group's rows in runs of ``block_m``.
 
-  The rows past ``sum(group_sizes)`` up to the next block boundary form one
-  more group, numbered ``G``, whose one item only stores zeros. Items come in
-  row order; there are at most ``num_blocks + G`` of them (each group boundary
-  splits one block in two), the unused ones last with an empty row range.
+  A group's items start at its first row rounded down to a multiple of
+  ``_ROW_ALIGN``, not of ``block_m``: item ``j`` of group ``g`` is the block
+  of rows from ``align(start_g) + j block_m``, of which it stores the
+  group's, so each group wastes only its last item's unused rows and up to
+  ``_ROW_ALIGN - 1`` before its first (those rows belong to the neighbours,
+  or lie past the last row, where the TMA engine reads zeros). Aligned to
+  ``block_m``, every group boundary had cost one whole extra item: at 64
+  skewed groups a sixth more tiles. The rows past ``sum(group_sizes)`` up to
+  the next multiple of ``block_m`` form one more group, numbered ``G``,
+  whose one item only stores zeros. Items come in row order; there are at
+  most :func:`_max_items` of them, the unused ones last with no rows.
 
   The blocks after that (all rows past the sum) are no items: they are zero
   chunks, ``row_chunks`` per block row (a chunk: the block's rows times one
@@ -526,11 +536,13 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   iterations had cost the padded forward 2 us and the dgrad 7 us at the small
   benchmark shape.
 
-  Returns ``((group, block, lo, hi) per item, (zfirst, zcount) per
-  iteration, item_end)``, int32: rows ``[lo, hi)`` of block ``block``
-  (block-relative); ``item_end[G]`` is the number of used items, from which the
-  kernel sizes its loop (:func:`_loop_slots`; ``item_end`` is a buffer XLA
-  has anyway, where a new scalar would cost one more small kernel).
+  Returns ``((group, row0, lo, hi) per item, (zfirst, zcount) per
+  iteration, item_end)``, int32: the item's block is rows ``[row0, row0 +
+  block_m)``, ``row0`` a multiple of ``_ROW_ALIGN``, and it stores the
+  block's rows ``[lo, hi)`` (block-relative; empty for an unused item);
+  ``item_end[G]`` is the number of used items, from which the kernel sizes
+  its loop (:func:`_loop_slots`; ``item_end`` is a buffer XLA has anyway,
+  where a new scalar would cost one more small kernel).
   """
   num_groups = group_sizes.shape[0]
   num_blocks = num_rows // block_m
@@ -538,18 +550,17 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   zero_from = pl.cdiv(ends[-1], block_m)  # The first block with no row of any group.
   ends = jnp.concatenate([ends, (zero_from * block_m)[None]])
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-  first = starts // block_m
-  count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
+  aligned = starts // _ROW_ALIGN * _ROW_ALIGN
+  count = jnp.where(ends > starts, pl.cdiv(ends - aligned, block_m), 0)
   item_end = jnp.cumsum(count)
-  num_items = num_blocks + num_groups
+  num_items = _max_items(num_rows, block_m, num_groups)
   p = jnp.arange(num_items, dtype=jnp.int32)
   g = jnp.minimum(_group_of(item_end, p), num_groups)
-  block = first[g] + p - (item_end[g] - count[g])
   used = p < item_end[-1]
-  row0 = block * block_m
-  lo = jnp.where(used, jnp.maximum(starts[g], row0) - row0, 0)
-  hi = jnp.where(used, jnp.minimum(ends[g], row0 + block_m) - row0, 0)
-  block = jnp.where(used, block, 0)
+  row0 = aligned[g] + (p - (item_end[g] - count[g])) * block_m
+  lo = jnp.where(used, jnp.maximum(starts[g] - row0, 0), 0)
+  hi = jnp.where(used, jnp.minimum(ends[g] - row0, block_m), 0)
+  row0 = jnp.where(used, row0, 0)
   # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks), dealt in proportion to
   # each iteration's shares (cap(q) shares before iteration q; none past the last wave):
   # share u takes per + (u < extra) chunks.
@@ -560,8 +571,20 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   edge = lambda q: zero_from * row_chunks + cap(q) * per + jnp.minimum(cap(q), extra)
   q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
   zfirst, zcount = edge(q), edge(q + 1) - edge(q)  # Elementwise in q: one fusion.
-  return (tuple(a.astype(jnp.int32) for a in (g, block, lo, hi)),
+  return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)),
           (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)), item_end.astype(jnp.int32))
+
+
+# Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
+# 128 bytes, swizzled) from a global row that Mosaic GPU must prove a multiple of 8.
+_ROW_ALIGN = 8
+
+
+def _max_items(num_rows: int, block_m: int, num_groups: int) -> int:
+  """The most items :func:`_pair_plan` can make: ``sum(ceil((size + s) / block_m))`` over
+  the ``G + 1`` groups, ``s < _ROW_ALIGN`` the rows before each group's first, sizes
+  summing to at most ``num_rows``."""
+  return num_rows // block_m + (num_groups + 1) * (block_m + _ROW_ALIGN - 2) // block_m
 
 
 def _loop_slots(busy, num_sms: int, num_iterations: int):
@@ -587,6 +610,14 @@ def _store_rows(src, dst, lo, hi, block_m: int) -> None:
     piece //= 2
 
 
+def _stage(o_smem, wg, value) -> None:
+  """Writes ``value`` to consumer ``wg``'s staging tile ``o_smem[wg]`` once the TMA engine
+  has read what its earlier stores staged there, and makes it visible to the engine."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  o_smem[wg] = value
+  plgpu.commit_smem()
+
+
 def _store_consumer_tile(tile, o_smem, wg, copy, *, block_n: int, has_columns=None) -> None:
   """Stores a consumer warpgroup's ``[block_m, block_n]`` tile through its staging tile.
 
@@ -601,10 +632,8 @@ def _store_consumer_tile(tile, o_smem, wg, copy, *, block_n: int, has_columns=No
   def slices():
     for j in range(block_n // epi_n):
       if tile is not None or not j:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
-        o_smem[wg] = (jnp.zeros(o_smem.shape[1:], o_smem.dtype) if tile is None
-                      else tile[:, j * epi_n:(j + 1) * epi_n])
-        plgpu.commit_smem()
+        _stage(o_smem, wg, jnp.zeros(o_smem.shape[1:], o_smem.dtype) if tile is None
+               else tile[:, j * epi_n:(j + 1) * epi_n])
       copy(o_smem.at[wg], j)
 
   if has_columns is None:
@@ -615,32 +644,34 @@ def _store_consumer_tile(tile, o_smem, wg, copy, *, block_n: int, has_columns=No
 
 def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
            out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-           interpret: Any = None) -> jax.Array:
+           interpret: Any = None, _interpretable: bool = False) -> jax.Array:
   """:func:`gmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
 
-  Each work item is one (group, row block) pair times ``2 * block_n`` output
-  columns: the producer streams ``x`` rows and ``w[g]`` columns through
-  shared memory while consumer warpgroup ``i`` accumulates columns
-  ``[i * block_n, (i + 1) * block_n)`` and then stores only the pair's rows
-  (a block that straddles groups is one item per group, each storing its own
-  rows; the producer already loads the next item during that epilogue). The
-  rows past ``sum(group_sizes)`` get zeros without a product: those of the
-  last block with group rows as one more item, and the blocks after it as
-  zero stores that the items issue during their pipeline steps (the TMA
-  engine writes them while the tensor cores multiply; :func:`_pair_plan`).
+  Each work item is up to ``block_m`` rows of one group, in blocks from
+  about the group's first row on (:func:`_pair_plan`), times ``2 * block_n`` output columns: the producer streams
+  ``x`` rows and ``w[g]`` columns through shared memory while consumer
+  warpgroup ``i`` accumulates columns ``[i * block_n, (i + 1) * block_n)`` and
+  then stores only the item's rows (the producer already loads the next item
+  during that epilogue). The rows past ``sum(group_sizes)`` get zeros without
+  a product: those up to the next multiple of ``block_m`` as one more item,
+  and the blocks after them as zero stores that the items issue during their
+  pipeline steps (the TMA engine writes them while the tensor cores multiply;
+  :func:`_pair_plan`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
-  if interpret is not None:
-    # The interpreter has no transposed wgmma, and it clamps a slice that runs past
-    # the end of w where the TMA engine reads zeros: give it a w that needs neither.
+  if interpret is not None and not _interpretable:
+    # The interpreter has no transposed wgmma, and it clamps a slice that runs past an
+    # array's end where the TMA engine reads zeros (past w's last column in a half band;
+    # past x's last row in a group's last item, whose output slice runs as far): give it
+    # operands that need neither.
     if transpose_rhs:
-      w, transpose_rhs = jnp.swapaxes(w, 1, 2), False
+      w = jnp.swapaxes(w, 1, 2)
     m = w.shape[2]
-    if m % cta_n:
-      w = jnp.pad(w, ((0, 0), (0, 0), (0, cta_n - m % cta_n)))
-      return _gmm_ws(x, w, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
-                     interpret=interpret)[:, :m]
+    w = jnp.pad(w, ((0, 0), (0, 0), (0, -m % cta_n)))
+    x = jnp.pad(x, ((0, bm), (0, 0)))
+    return _gmm_ws(x, w, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
+                   interpret=interpret, _interpretable=True)[:-bm, :m]
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -663,7 +694,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, block_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, item_end_ref, x_ref,
+  def body(group_ref, row0_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, item_end_ref, x_ref,
            w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
@@ -679,10 +710,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     )
     def _scope(allocs, o_smem):
       used_items = item_end_ref[num_groups]
+      busy = used_items * grid_n  # Iterations with a product.
       num_items = group_ref.shape[0]
 
-      @plgpu.nd_loop((_loop_slots(used_items * grid_n, sms, num_items * grid_n),),
-                     collective_axes="sm")
+      @plgpu.nd_loop((_loop_slots(busy, sms, num_items * grid_n),), collective_axes="sm")
       def _item(info):
         t = info.index[0]
         # Step t < used items x bands: a product, in bands of grid_block_n columns; after
@@ -691,16 +722,16 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         if cfg.grid_block_n < grid_n:
           s_item, s_ni = plgpu.planar_snake(t, (jnp.maximum(used_items, 1), grid_n), 1,
                                             cfg.grid_block_n)
-          product_step = t < used_items * grid_n
+          product_step = t < busy
           item, ni = jnp.where(product_step, s_item, item), jnp.where(product_step, s_ni, ni)
-        g, b, lo, hi = group_ref[item], block_ref[item], lo_ref[item], hi_ref[item]
+        g, lo, hi = group_ref[item], lo_ref[item], hi_ref[item]
+        row0 = pl.multiple_of(row0_ref[item], _ROW_ALIGN)
         q = item * grid_n + ni
         zfirst, zcount = zfirst_ref[q], zcount_ref[q]
-        row0 = b * bm
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
         def store(tile) -> None:
-          """This consumer's ``[bm, bn]`` tile (``None``: zeros), rows ``[lo, hi)`` only."""
+          """This consumer's ``[bm, bn]`` tile (``None``: zeros), the item's rows only."""
           def copy(src, j):
             col = ni * cta_n + wg * bn + j * epi_n
             _store_rows(src, o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
@@ -719,14 +750,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
           @pl.loop(first, last)
           def _store(i):
             c = zfirst + 2 * i + wg
-            rows, cols = pl.ds(c // row_chunks * bm, bm), pl.ds(c % row_chunks * epi_n, epi_n)
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[rows, cols])
+            chunk = o_ref.at[pl.ds(c // row_chunks * bm, bm), pl.ds(c % row_chunks * epi_n, epi_n)]
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], chunk)
 
-        @pl.when(has_zeros)
-        def _stage_zeros():
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem[wg] is free again.
-          o_smem[wg] = jnp.zeros(o_smem.shape[1:], o_smem.dtype)
-          plgpu.commit_smem()
+        pl.when(has_zeros)(lambda: _stage(o_smem, wg, jnp.zeros(o_smem.shape[1:], o_smem.dtype)))
 
         pl.when(has_zeros & ~with_product)(lambda: zero_stores(0, num_zero))
         num_steps = k // bk
@@ -852,12 +879,9 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
             @pl.when(past)
             def _zero_x_past_the_groups():
               plgpu.wgmma_wait(0)  # The previous step's product may still read x_own[wg].
-              rows_x = _rows_iota((bk, bm), row0, None)
-              x_own[wg] = jnp.where(rows_x < total, x_smem[...], jnp.zeros((), x_smem.dtype))
+              _keep_rows(x_own.at[wg], x_smem, row0, 0, total, None)
 
-            rows_y = _rows_iota((bk, bn), row0, None)
-            y_cols[...] = jnp.where((rows_y >= start) & (rows_y < end), y_cols[...],
-                                    jnp.zeros((), y_smem.dtype))
+            _keep_rows(y_cols, y_cols, row0, start, end, None)
             plgpu.commit_smem()
 
           def product(a_ref):
