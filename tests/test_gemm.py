@@ -134,12 +134,14 @@ def _check_ws_products(num_rows, sizes, k, m, dtype, implementation_kwargs, rtol
   assert not np.asarray(y)[total:].any() and not np.asarray(dx)[total:].any()
 
 
-def test_interpreted_warp_specialised_half_band_matches_oracle():
+@pytest.mark.parametrize("num_sms", [3, 4, 7])
+def test_interpreted_warp_specialised_half_band_matches_oracle(num_sms):
   """Output widths that are an odd multiple of 128 end in a half column band (fwd, dgrad and
-  wgrad, the two-consumer kernels)."""
+  wgrad, the two-consumer kernels). On 4 SMs every gmm tile runs whole; on 3 the forward's
+  last wave and on 7 the dgrad's run as row halves (at most half full)."""
   num_rows, sizes = LAYOUTS["zeros_and_skew"]
   _check_ws_products(num_rows, sizes, 384, 128, jnp.bfloat16,
-                     dict(num_sms=4, interpret=gemm_api._interpret_params()), rtol=1e-5)
+                     dict(num_sms=num_sms, interpret=gemm_api._interpret_params()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows"])
@@ -215,23 +217,55 @@ def test_work_items_cover_every_row_once(seed):
   assert len(groups) == mosaic._max_items(num_rows, block_m, num_groups)
   assert (np.diff(row0s[used] + los[used]) > 0).all(), "items stay in row order"
   # Zero chunks: every chunk of every all-zero block exactly once, in near-equal runs over the
-  # iterations (item, band) of the used items and larger ones over the idle iterations of
-  # the last wave (at least one wave of iterations).
-  assert zfirst.shape == zcount.shape == (len(groups) * num_bands,)
+  # loop's iterations with a product (a tile or half of one) and larger ones over the idle
+  # iterations of the last wave (at least one wave of iterations).
+  num_iterations = mosaic._max_iterations(len(groups), num_bands, num_sms)
+  assert zfirst.shape == zcount.shape == (num_iterations,)
   chunk_owner = np.zeros(num_blocks * row_chunks, int)
   for first, count in zip(zfirst, zcount):
     chunk_owner[first:first + count] += 1
   np.testing.assert_array_equal(chunk_owner, np.arange(num_blocks * row_chunks) >= zero_from * row_chunks)
   busy = used.sum() * num_bands
-  slots = min(max(-(-busy // num_sms), 1) * num_sms, len(groups) * num_bands)
+  halves = busy % num_sms and 2 * (busy % num_sms) <= num_sms
+  products = busy + (busy % num_sms if halves else 0)
+  slots = min(max(-(-busy // num_sms), 1) * num_sms, num_iterations)
   assert item_end[-1] == used.sum()
-  assert mosaic._loop_slots(item_end[-1] * num_bands, num_sms, len(groups) * num_bands) == slots
+  assert mosaic._loop_slots(item_end[-1] * num_bands, num_sms, num_iterations) == slots
+  assert int(mosaic._product_iterations(busy, num_sms, block_m)) == products <= slots
   assert not zcount[slots:].any(), "no zeros past the last wave"
   # A product's iteration is one share, an idle one _IDLE_SHARES; a share is per or per + 1.
   shares = mosaic._IDLE_SHARES
-  per = (num_blocks - zero_from) * row_chunks // (busy + shares * (slots - busy))
-  assert ((zcount[:busy] >= per) & (zcount[:busy] <= per + 1)).all(), "even runs over products"
-  assert ((zcount[busy:slots] >= shares * per) & (zcount[busy:slots] <= shares * (per + 1))).all()
+  per = (num_blocks - zero_from) * row_chunks // (products + shares * (slots - products))
+  assert ((zcount[:products] >= per) & (zcount[:products] <= per + 1)).all(), "even runs"
+  assert ((zcount[products:slots] >= shares * per) &
+          (zcount[products:slots] <= shares * (per + 1))).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loop_runs_every_tile_once(seed):
+  """The two-consumer gmm's loop: every tile in exactly one iteration, or, where the last
+  wave is at most half full, each of that wave's tiles in two iterations as its two row
+  halves; the product iterations come first."""
+  rng = np.random.default_rng(seed)
+  num_sms = int(rng.integers(1, 140))
+  busy = int(rng.integers(0, 6 * num_sms))
+  if seed == 0:  # A last wave of exactly half the SMs.
+    busy = 3 * num_sms + num_sms // 2
+  slots = int(mosaic._loop_slots(busy, num_sms, 10 ** 6))
+  tile, half = (np.asarray(a) for a in mosaic._iteration_tile(
+      jnp.arange(slots, dtype=jnp.int32), busy, num_sms, 128))
+  products = int(mosaic._product_iterations(busy, num_sms, 128))
+  assert (tile[:products] < busy).all() and (tile[products:] >= busy).all()
+  left = busy % num_sms
+  split = left > 0 and 2 * left <= num_sms
+  runs = {}
+  for t, h in zip(tile[:products], half[:products]):
+    runs.setdefault(int(t), []).append(int(h))
+  assert sorted(runs) == list(range(busy))
+  for t, hs in runs.items():
+    assert sorted(hs) == ([0, 1] if split and t >= busy - left else [-1]), (t, hs)
+  # 64-row tiles have no halves (a wgmma takes 64 rows at least).
+  assert int(mosaic._product_iterations(busy, num_sms, 64)) == busy
 
 
 @pytest.mark.parametrize("seed", range(4))

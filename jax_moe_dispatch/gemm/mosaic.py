@@ -521,13 +521,13 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   chunks, ``row_chunks`` per block row (a chunk: the block's rows times one
   staging width of columns, numbered row-major from block 0), and the item
   iterations store them while their products run, so that the zero stores
-  overlap the multiplications instead of following them. Iteration ``(p,
-  band)`` stores the ``zcount[q]`` chunks from ``zfirst[q]``, ``q = p *
-  num_bands + band``: row-major runs over the iterations of the waves that
-  hold the products (at least one wave, so that every SM takes a share when
-  there are few products), one share for a product's iteration and
-  ``_IDLE_SHARES`` for one of the last wave without a product, the shares as
-  near-equal as that allows. BENCHMARKS.md has the measured cost of 4x padding
+  overlap the multiplications instead of following them. Loop iteration
+  ``t`` stores the ``zcount[t]`` chunks from ``zfirst[t]``: row-major runs
+  over the iterations of the waves that hold the products (at least one
+  wave, so that every SM takes a share when there are few products), one
+  share for a product's iteration (a whole tile or half of one,
+  :func:`_iteration_tile`) and ``_IDLE_SHARES`` for one of the last wave
+  without a product, the shares as near-equal as that allows. BENCHMARKS.md has the measured cost of 4x padding
   rows.
 
   The kernel's loop runs the iterations of those waves only (the products
@@ -562,15 +562,17 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   hi = jnp.where(used, jnp.minimum(ends[g] - row0, block_m), 0)
   row0 = jnp.where(used, row0, 0)
   # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks), dealt in proportion to
-  # each iteration's shares (cap(q) shares before iteration q; none past the last wave):
+  # each iteration's shares (cap(t) shares before iteration t; none past the last wave):
   # share u takes per + (u < extra) chunks.
   busy = item_end[-1] * num_bands
-  slots = _loop_slots(busy, num_sms, num_items * num_bands)
-  cap = lambda q: jnp.where(q <= busy, q, busy + _IDLE_SHARES * (jnp.minimum(q, slots) - busy))
+  products = _product_iterations(busy, num_sms, block_m)
+  slots = _loop_slots(busy, num_sms, _max_iterations(num_items, num_bands, num_sms))
+  cap = lambda t: jnp.where(t <= products, t,
+                            products + _IDLE_SHARES * (jnp.minimum(t, slots) - products))
   per, extra = divmod((num_blocks - zero_from) * row_chunks, cap(slots))
-  edge = lambda q: zero_from * row_chunks + cap(q) * per + jnp.minimum(cap(q), extra)
-  q = jnp.arange(num_items * num_bands, dtype=jnp.int32)
-  zfirst, zcount = edge(q), edge(q + 1) - edge(q)  # Elementwise in q: one fusion.
+  edge = lambda t: zero_from * row_chunks + cap(t) * per + jnp.minimum(cap(t), extra)
+  t = jnp.arange(_max_iterations(num_items, num_bands, num_sms), dtype=jnp.int32)
+  zfirst, zcount = edge(t), edge(t + 1) - edge(t)  # Elementwise in t: one fusion.
   return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)),
           (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)), item_end.astype(jnp.int32))
 
@@ -585,6 +587,38 @@ def _max_items(num_rows: int, block_m: int, num_groups: int) -> int:
   the ``G + 1`` groups, ``s < _ROW_ALIGN`` the rows before each group's first, sizes
   summing to at most ``num_rows``."""
   return num_rows // block_m + (num_groups + 1) * (block_m + _ROW_ALIGN - 2) // block_m
+
+
+def _iteration_tile(t, busy, num_sms: int, block_m: int):
+  """Loop iteration ``t``'s product tile of :func:`_gmm_ws` and which rows of it: ``(tile,
+  half)``, ``half`` -1 for the whole tile, 0 / 1 for its top / bottom ``block_m / 2`` rows.
+
+  ``busy`` tiles fill whole waves of ``num_sms`` iterations and a last, partial
+  one. Where that last wave is at most half full, its tiles run as halves on
+  twice the SMs: they end in about 0.6 of a tile's time instead of a whole
+  one (a half tile still streams all of ``w``'s band).
+  """
+  tail = busy // num_sms * num_sms
+  in_tail = _tail_halves(busy, num_sms, block_m) & (t >= tail)
+  return (jnp.where(in_tail, tail + (t - tail) // 2, t),
+          jnp.where(in_tail, (t - tail) % 2, -1))
+
+
+def _tail_halves(busy, num_sms: int, block_m: int):
+  """Whether the last wave of ``busy`` tiles runs as halves (:func:`_iteration_tile`): where
+  it is at most half full and a half tile is whole ``wgmma`` rows (a multiple of 64)."""
+  left = busy % num_sms
+  return (left > 0) & (2 * left <= num_sms) & (block_m % 128 == 0)
+
+
+def _product_iterations(busy, num_sms: int, block_m: int):
+  """Loop iterations that hold a product: ``busy``, plus one per tile run as two halves."""
+  return busy + jnp.where(_tail_halves(busy, num_sms, block_m), busy % num_sms, 0)
+
+
+def _max_iterations(num_items: int, num_bands: int, num_sms: int) -> int:
+  """Static bound of :func:`_gmm_ws`'s loop: every item's tiles and one more wave."""
+  return num_items * num_bands + num_sms
 
 
 def _loop_slots(busy, num_sms: int, num_iterations: int):
@@ -610,31 +644,32 @@ def _store_rows(src, dst, lo, hi, block_m: int) -> None:
     piece //= 2
 
 
-def _stage(o_smem, wg, value) -> None:
-  """Writes ``value`` to consumer ``wg``'s staging tile ``o_smem[wg]`` once the TMA engine
-  has read what its earlier stores staged there, and makes it visible to the engine."""
+def _stage(staging, value) -> None:
+  """Writes ``value`` to a consumer's staging tile once the TMA engine has read what its
+  earlier stores staged there, and makes it visible to the engine."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  o_smem[wg] = value
+  staging[...] = value
   plgpu.commit_smem()
 
 
-def _store_consumer_tile(tile, o_smem, wg, copy, *, block_n: int, has_columns=None) -> None:
-  """Stores a consumer warpgroup's ``[block_m, block_n]`` tile through its staging tile.
+def _store_consumer_tile(tile, staging, copy, *, block_n: int, has_columns=None) -> None:
+  """Stores a consumer warpgroup's ``[rows, block_n]`` tile through its staging tile.
 
   ``tile`` is the registers' values (``None``: zeros, staged once for every
-  slice); ``o_smem[wg]`` takes 128 bytes of columns at a time and ``copy(src,
-  j)`` issues the TMA store of slice ``j`` from it. ``has_columns``: whether
-  this consumer has columns to store at all (``None``: always), false for the
-  second consumer of a last, half-width band.
+  slice); ``staging`` (``[rows, 128 bytes]``) takes 128 bytes of columns at a
+  time and ``copy(src, j)`` issues the TMA store of slice ``j`` from it.
+  ``has_columns``: whether this consumer has columns to store at all
+  (``None``: always), false for the second consumer of a last, half-width
+  band.
   """
-  epi_n = o_smem.shape[-1]
+  epi_n = staging.shape[-1]
 
   def slices():
     for j in range(block_n // epi_n):
       if tile is not None or not j:
-        _stage(o_smem, wg, jnp.zeros(o_smem.shape[1:], o_smem.dtype) if tile is None
+        _stage(staging, jnp.zeros(staging.shape, staging.dtype) if tile is None
                else tile[:, j * epi_n:(j + 1) * epi_n])
-      copy(o_smem.at[wg], j)
+      copy(staging, j)
 
   if has_columns is None:
     slices()
@@ -660,6 +695,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
+  hb = bm // 2  # Rows of a half tile (:func:`_iteration_tile`).
   if interpret is not None and not _interpretable:
     # The interpreter has no transposed wgmma, and it clamps a slice that runs past an
     # array's end where the TMA engine reads zeros (past w's last column in a half band;
@@ -713,30 +749,42 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
       busy = used_items * grid_n  # Iterations with a product.
       num_items = group_ref.shape[0]
 
-      @plgpu.nd_loop((_loop_slots(busy, sms, num_items * grid_n),), collective_axes="sm")
+      @plgpu.nd_loop((_loop_slots(busy, sms, _max_iterations(num_items, grid_n, sms)),),
+                     collective_axes="sm")
       def _item(info):
         t = info.index[0]
-        # Step t < used items x bands: a product, in bands of grid_block_n columns; after
-        # them the idle iterations of the last wave (unused items: zero stores only).
-        item, ni = t // grid_n, t % grid_n
+        # Tile < used items x bands: a product, in bands of grid_block_n columns (the last
+        # wave's maybe as row halves); after them the idle iterations of the last wave
+        # (unused items: zero stores only).
+        tile, half = _iteration_tile(t, busy, sms, bm)
+        item, ni = tile // grid_n, tile % grid_n
         if cfg.grid_block_n < grid_n:
-          s_item, s_ni = plgpu.planar_snake(t, (jnp.maximum(used_items, 1), grid_n), 1,
+          s_item, s_ni = plgpu.planar_snake(tile, (jnp.maximum(used_items, 1), grid_n), 1,
                                             cfg.grid_block_n)
-          product_step = t < busy
-          item, ni = jnp.where(product_step, s_item, item), jnp.where(product_step, s_ni, ni)
-        g, lo, hi = group_ref[item], lo_ref[item], hi_ref[item]
-        row0 = pl.multiple_of(row0_ref[item], _ROW_ALIGN)
-        q = item * grid_n + ni
-        zfirst, zcount = zfirst_ref[q], zcount_ref[q]
+          item, ni = jnp.where(tile < busy, s_item, item), jnp.where(tile < busy, s_ni, ni)
+        # An idle iteration has no item (its index can pass the last): group G + 1, neither
+        # a product nor the zero item.
+        idle = tile >= busy
+        item = jnp.where(idle, 0, item)
+        g = jnp.where(idle, num_groups + 1, group_ref[item])
+        # A half tile's rows: [row0 + half * hb, + hb), of which it stores [lo, hi).
+        in_half = half >= 0
+        shift = jnp.maximum(half, 0) * hb
+        span = jnp.where(in_half, hb, bm)
+        lo = jnp.clip(lo_ref[item] - shift, 0, span)
+        hi = jnp.clip(hi_ref[item] - shift, 0, span)
+        row0 = pl.multiple_of(row0_ref[item] + shift, _ROW_ALIGN)
+        zfirst, zcount = zfirst_ref[t], zcount_ref[t]
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
-        def store(tile) -> None:
-          """This consumer's ``[bm, bn]`` tile (``None``: zeros), the item's rows only."""
+        def store(values, rows: int) -> None:
+          """This consumer's ``[rows, bn]`` tile (``None``: zeros), the item's rows only."""
           def copy(src, j):
             col = ni * cta_n + wg * bn + j * epi_n
-            _store_rows(src, o_ref.at[pl.ds(row0, bm), pl.ds(col, epi_n)], lo, hi, bm)
+            _store_rows(src, o_ref.at[pl.ds(row0, rows), pl.ds(col, epi_n)], lo, hi, rows)
 
-          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn, has_columns=has_columns)
+          staging = o_smem.at[wg] if rows == bm else o_smem.at[wg].at[pl.ds(0, rows)]
+          _store_consumer_tile(values, staging, copy, block_n=bn, has_columns=has_columns)
 
         # Zero chunks [zfirst, zfirst + zcount), the even ones consumer 0's, the odd ones
         # consumer 1's: TMA stores of its staging tile, zeroed first (nothing rewrites it
@@ -753,40 +801,43 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
             chunk = o_ref.at[pl.ds(c // row_chunks * bm, bm), pl.ds(c % row_chunks * epi_n, epi_n)]
             plgpu.copy_smem_to_gmem(o_smem.at[wg], chunk)
 
-        pl.when(has_zeros)(lambda: _stage(o_smem, wg, jnp.zeros(o_smem.shape[1:], o_smem.dtype)))
+        pl.when(has_zeros)(lambda: _stage(o_smem.at[wg], jnp.zeros(o_smem.shape[1:], o_smem.dtype)))
 
         pl.when(has_zeros & ~with_product)(lambda: zero_stores(0, num_zero))
         num_steps = k // bk
 
-        def step(idx, x_smem, w_smem, acc_ref):
-          cols = pl.ds(wg * bn, bn)
-          w_cols = w_smem.at[cols] if transpose_rhs else w_smem.at[:, cols]
-          plgpu.wgmma(acc_ref, x_smem,
-                      w_cols.transpose((1, 0)) if transpose_rhs else w_cols)
-          # Step s issues stores [ceil(s n / S), ceil((s + 1) n / S)): evenly over the S steps.
-          first = (idx[0] * num_zero + num_steps - 1) // num_steps
-          last = ((idx[0] + 1) * num_zero + num_steps - 1) // num_steps
-          pl.when(has_zeros & (last > first))(lambda: zero_stores(first, last))
-          plgpu.wgmma_wait(1)
-          return acc_ref
+        def product(rows: int) -> None:
+          """The item's product on its first ``rows`` rows from ``row0`` (all ``bm`` loaded)."""
+          def step(idx, x_smem, w_smem, acc_ref):
+            cols = pl.ds(wg * bn, bn)
+            w_cols = w_smem.at[cols] if transpose_rhs else w_smem.at[:, cols]
+            plgpu.wgmma(acc_ref, x_smem if rows == bm else x_smem.at[pl.ds(0, rows)],
+                        w_cols.transpose((1, 0)) if transpose_rhs else w_cols)
+            # Step s issues stores [ceil(s n / S), ceil((s + 1) n / S)): evenly over the S steps.
+            first = (idx[0] * num_zero + num_steps - 1) // num_steps
+            last = ((idx[0] + 1) * num_zero + num_steps - 1) // num_steps
+            pl.when(has_zeros & (last > first))(lambda: zero_stores(first, last))
+            plgpu.wgmma_wait(1)
+            return acc_ref
 
-        def context(run):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
-          def _(acc_ref):
-            run(acc_ref)
-            store(acc_ref[...].astype(out_dtype))
+          def context(run):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, bn)))
+            def _(acc_ref):
+              run(acc_ref)
+              store(acc_ref[...].astype(out_dtype), rows)
 
-        @pl.when(with_product)
-        def _product():
           w_g = w_ref.at[g]
           cols = pl.ds(ni * cta_n, cta_n)
           pipeline(step, context)(x_ref.at[pl.ds(row0, bm)],
                                   w_g.at[cols] if transpose_rhs else w_g.at[:, cols],
                                   allocations=allocs)
 
-        @pl.when((g == num_groups) & (hi > lo) & (wg < 2))
-        def _zeros():
-          store(None)
+        zero_item = (g == num_groups) & (hi > lo) & (wg < 2)
+        pl.when(with_product & ~in_half)(lambda: product(bm))
+        pl.when(zero_item & ~in_half)(lambda: store(None, bm))
+        if bm % 128 == 0:  # Else no tile runs as halves (_tail_halves).
+          pl.when(with_product & in_half)(lambda: product(hb))
+          pl.when(zero_item & in_half)(lambda: store(None, hb))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -865,7 +916,7 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
             col = ni * cta_n + wg * bn + j * epi_n
             plgpu.copy_smem_to_gmem(src, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(col, epi_n)])
 
-          _store_consumer_tile(tile, o_smem, wg, copy, block_n=bn,
+          _store_consumer_tile(tile, o_smem.at[wg], copy, block_n=bn,
                                has_columns=ni * cta_n + wg * bn < m if m % cta_n else None)
 
         def step(idx_k, x_smem, y_smem, acc_ref):
