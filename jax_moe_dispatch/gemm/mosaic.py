@@ -527,8 +527,8 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   wave, so that every SM takes a share when there are few products), one
   share for a product's iteration (a whole tile or half of one,
   :func:`_iteration_tile`) and ``_IDLE_SHARES`` for one of the last wave
-  without a product, the shares as near-equal as that allows. BENCHMARKS.md has the measured cost of 4x padding
-  rows.
+  without a product, the shares as near-equal as that allows. BENCHMARKS.md
+  has the measured cost of 4x padding rows.
 
   The kernel's loop runs the iterations of those waves only (the products
   first, then the idle ones; :func:`_loop_slots`), not one per item of the
@@ -683,15 +683,16 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   """:func:`gmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
 
   Each work item is up to ``block_m`` rows of one group, in blocks from
-  about the group's first row on (:func:`_pair_plan`), times ``2 * block_n`` output columns: the producer streams
-  ``x`` rows and ``w[g]`` columns through shared memory while consumer
-  warpgroup ``i`` accumulates columns ``[i * block_n, (i + 1) * block_n)`` and
-  then stores only the item's rows (the producer already loads the next item
-  during that epilogue). The rows past ``sum(group_sizes)`` get zeros without
-  a product: those up to the next multiple of ``block_m`` as one more item,
-  and the blocks after them as zero stores that the items issue during their
-  pipeline steps (the TMA engine writes them while the tensor cores multiply;
-  :func:`_pair_plan`).
+  about the group's first row on (:func:`_pair_plan`), times ``2 * block_n``
+  output columns: the producer streams ``x`` rows and ``w[g]`` columns
+  through shared memory while consumer warpgroup ``i`` accumulates columns
+  ``[i * block_n, (i + 1) * block_n)`` and then stores only the item's rows
+  (the producer already loads the next item during that epilogue); the last
+  wave's tiles may run as row halves (:func:`_iteration_tile`). The rows past
+  ``sum(group_sizes)`` get zeros without a product: those up to the next
+  multiple of ``block_m`` as one more item, and the blocks after them as zero
+  stores that the items issue during their pipeline steps (the TMA engine
+  writes them while the tensor cores multiply; :func:`_pair_plan`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
