@@ -240,6 +240,18 @@ def _ws_pipeline(step, context, *, grid, in_specs, cfg: TileConfig):
   )
 
 
+def _accumulate_then_store(shape, out_dtype, store):
+  """The ``compute_context`` of both two-consumer kernels' pipelines: a float32 accumulator
+  of ``shape`` for the pipeline's run, then ``store`` of its values as ``out_dtype``."""
+  def context(run):
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape))
+    def _(acc_ref):
+      run(acc_ref)
+      store(acc_ref[...].astype(out_dtype))
+
+  return context
+
+
 def _group_of(ends: jax.Array, rows: jax.Array) -> jax.Array:
   """How many of the sorted ``ends`` are <= each of ``rows`` (int32).
 
@@ -566,12 +578,13 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   # share u takes per + (u < extra) chunks.
   busy = item_end[-1] * num_bands
   products = _product_iterations(busy, num_sms, block_m)
-  slots = _loop_slots(busy, num_sms, _max_iterations(num_items, num_bands, num_sms))
+  num_iterations = _max_iterations(num_items, num_bands, num_sms)
+  slots = _loop_slots(busy, num_sms, num_iterations)
   cap = lambda t: jnp.where(t <= products, t,
                             products + _IDLE_SHARES * (jnp.minimum(t, slots) - products))
   per, extra = divmod((num_blocks - zero_from) * row_chunks, cap(slots))
   edge = lambda t: zero_from * row_chunks + cap(t) * per + jnp.minimum(cap(t), extra)
-  t = jnp.arange(_max_iterations(num_items, num_bands, num_sms), dtype=jnp.int32)
+  t = jnp.arange(num_iterations, dtype=jnp.int32)
   zfirst, zcount = edge(t), edge(t + 1) - edge(t)  # Elementwise in t: one fusion.
   return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)),
           (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)), item_end.astype(jnp.int32))
@@ -821,12 +834,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
             plgpu.wgmma_wait(1)
             return acc_ref
 
-          def context(run):
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((rows, bn)))
-            def _(acc_ref):
-              run(acc_ref)
-              store(acc_ref[...].astype(out_dtype), rows)
-
+          context = _accumulate_then_store((rows, bn), out_dtype,
+                                           lambda values: store(values, rows))
           w_g = w_ref.at[g]
           cols = pl.ds(ni * cta_n, cta_n)
           pipeline(step, context)(x_ref.at[pl.ds(row0, bm)],
@@ -944,14 +953,9 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
           plgpu.wgmma_wait(1)
           return acc_ref
 
-        def context(run):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
-          def _(acc_ref):
-            run(acc_ref)
-            store(acc_ref[...].astype(out_dtype))
-
         @pl.when(steps > 0)
         def _product():
+          context = _accumulate_then_store((bm, bn), out_dtype, store)
           pipeline(step, context, first, steps)(x_ref.at[:, pl.ds(mi * bm, bm)],
                                                 y_ref.at[:, pl.ds(ni * cta_n, cta_n)],
                                                 allocations=allocs)
