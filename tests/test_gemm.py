@@ -189,11 +189,11 @@ def test_work_items_cover_every_row_once(seed):
   # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
   total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  items, zeros, item_end = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m,
-                                             num_bands, num_sms, row_chunks)
+  items, item_end, zero_from_plan = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows,
+                                                      block_m)
   groups, row0s, los, his = (np.asarray(a) for a in items)
-  zfirst, zcount = (np.asarray(a) for a in zeros)
   zero_from = -(-total // block_m)
+  assert zero_from_plan.shape == (1,) and int(zero_from_plan[0]) == zero_from
   starts = np.concatenate([[0], np.cumsum(sizes)])
   align = mosaic._ROW_ALIGN
   owner = np.full(num_rows, -1)
@@ -220,7 +220,10 @@ def test_work_items_cover_every_row_once(seed):
   # loop's iterations with a product (a tile or half of one) and larger ones over the idle
   # iterations of the last wave (at least one wave of iterations).
   num_iterations = mosaic._max_iterations(len(groups), num_bands, num_sms)
-  assert zfirst.shape == zcount.shape == (num_iterations,)
+  zfirst, zcount = (np.asarray(a) for a in mosaic._zero_share(
+      jnp.arange(num_iterations, dtype=jnp.int32), item_end[-1] * num_bands, zero_from_plan[0],
+      num_blocks=num_blocks, row_chunks=row_chunks, num_sms=num_sms,
+      num_iterations=num_iterations, block_m=block_m))
   chunk_owner = np.zeros(num_blocks * row_chunks, int)
   for first, count in zip(zfirst, zcount):
     chunk_owner[first:first + count] += 1

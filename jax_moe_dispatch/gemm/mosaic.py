@@ -288,10 +288,11 @@ def _num_sms() -> int:
   return int(getattr(dev, "core_count", 0) or 132)
 
 
-def _persistent_kernel(body, out_shape, out_dtype, num_sms: Optional[int], interpret: Any,
-                       **threads):
+def _persistent_kernel(body, name: str, out_shape, out_dtype, num_sms: Optional[int],
+                       interpret: Any, **threads):
   """``body`` as a persistent kernel: one thread block per SM (axis ``"sm"``), warpgroup
-  semantics; ``threads`` (``num_threads``, ``thread_name``) for warp-specialised bodies."""
+  semantics; ``threads`` (``num_threads``, ``thread_name``) for warp-specialised bodies.
+  ``name`` names the kernel in profiles (``{name}_mosaic_gpu_kernel``)."""
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -299,8 +300,14 @@ def _persistent_kernel(body, out_shape, out_dtype, num_sms: Optional[int], inter
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,
+      kernel_name=name,
       **threads,
   )
+
+
+def _gmm_name(transpose_rhs: bool) -> str:
+  """Profile name of a :func:`gmm` kernel: the forward's, or the dgrad's (``w`` transposed)."""
+  return "jmd_gmm_rhs_t" if transpose_rhs else "jmd_gmm"
 
 
 def _rows_iota(shape, row0, interpret):
@@ -422,7 +429,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, num_sms, interpret)
+  kernel = _persistent_kernel(body, _gmm_name(transpose_rhs), (num_rows, m), out_dtype, num_sms,
+                              interpret)
   return kernel(g_lo, g_hi, whole, starts, ends, x, w)
 
 
@@ -503,7 +511,7 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
           plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, sms, interpret)
+  kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, sms, interpret)
   return kernel(*plan, x, y)
 
 
@@ -513,8 +521,7 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
 _IDLE_SHARES = 4
 
 
-def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: int,
-               num_sms: int, row_chunks: int):
+def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   """Work items of :func:`gmm_ws`: every group's rows in runs of ``block_m``.
 
   A group's items start at its first row rounded down to a multiple of
@@ -529,35 +536,18 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   whose one item only stores zeros. Items come in row order; there are at
   most :func:`_max_items` of them, the unused ones last with no rows.
 
-  The blocks after that (all rows past the sum) are no items: they are zero
-  chunks, ``row_chunks`` per block row (a chunk: the block's rows times one
-  staging width of columns, numbered row-major from block 0), and the item
-  iterations store them while their products run, so that the zero stores
-  overlap the multiplications instead of following them. Loop iteration
-  ``t`` stores the ``zcount[t]`` chunks from ``zfirst[t]``: row-major runs
-  over the iterations of the waves that hold the products (at least one
-  wave, so that every SM takes a share when there are few products), one
-  share for a product's iteration (a whole tile or half of one,
-  :func:`_iteration_tile`) and ``_IDLE_SHARES`` for one of the last wave
-  without a product, the shares as near-equal as that allows. BENCHMARKS.md
-  has the measured cost of 4x padding rows.
+  The blocks after that (all rows past the sum, from block ``zero_from``
+  on) are no items: they are zero chunks, which the loop's iterations store
+  while their products run (:func:`_zero_share`).
 
-  The kernel's loop runs the iterations of those waves only (the products
-  first, then the idle ones; :func:`_loop_slots`), not one per item of the
-  static row count: at 4x padding rows most items are unused, and their empty
-  iterations had cost the padded forward 2 us and the dgrad 7 us at the small
-  benchmark shape.
-
-  Returns ``((group, row0, lo, hi) per item, (zfirst, zcount) per
-  iteration, item_end)``, int32: the item's block is rows ``[row0, row0 +
-  block_m)``, ``row0`` a multiple of ``_ROW_ALIGN``, and it stores the
-  block's rows ``[lo, hi)`` (block-relative; empty for an unused item);
-  ``item_end[G]`` is the number of used items, from which the kernel sizes
-  its loop (:func:`_loop_slots`; ``item_end`` is a buffer XLA has anyway,
-  where a new scalar would cost one more small kernel).
+  Returns ``((group, row0, lo, hi) per item, item_end, zero_from)``, int32:
+  the item's block is rows ``[row0, row0 + block_m)``, ``row0`` a multiple of
+  ``_ROW_ALIGN``, and it stores the block's rows ``[lo, hi)``
+  (block-relative; empty for an unused item); ``item_end[G]`` is the number
+  of used items, from which the kernel sizes its loop (:func:`_loop_slots`);
+  ``zero_from`` (shape ``[1]``) is the first block past every group's rows.
   """
   num_groups = group_sizes.shape[0]
-  num_blocks = num_rows // block_m
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
   zero_from = pl.cdiv(ends[-1], block_m)  # The first block with no row of any group.
   ends = jnp.concatenate([ends, (zero_from * block_m)[None]])
@@ -573,21 +563,41 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int, num_bands: i
   lo = jnp.where(used, jnp.maximum(starts[g] - row0, 0), 0)
   hi = jnp.where(used, jnp.minimum(ends[g] - row0, block_m), 0)
   row0 = jnp.where(used, row0, 0)
-  # Zero chunks [zero_from * row_chunks, num_blocks * row_chunks), dealt in proportion to
-  # each iteration's shares (cap(t) shares before iteration t; none past the last wave):
-  # share u takes per + (u < extra) chunks.
-  busy = item_end[-1] * num_bands
+  return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)), item_end.astype(jnp.int32),
+          zero_from.astype(jnp.int32)[None])
+
+
+def _zero_share(t, busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms: int,
+                num_iterations: int, block_m: int):
+  """The zero chunks that loop iteration ``t`` of :func:`_gmm_ws` stores: ``(first, count)``.
+
+  The blocks from ``zero_from`` to ``num_blocks`` hold no row of any group;
+  each is ``row_chunks`` chunks (the block's rows times one staging width of
+  columns, numbered row-major from block 0), and the items' iterations store
+  them while their products run, so that the zero stores overlap the
+  multiplications instead of following them. The chunks go out in row-major
+  runs over the iterations of the waves that hold the ``busy`` products (at
+  least one wave, so that every SM takes a share when there are few
+  products): one share for a product's iteration (a whole tile or half of
+  one, :func:`_iteration_tile`) and ``_IDLE_SHARES`` for one of the last wave
+  without a product, the shares as near-equal as that allows (share ``u``
+  takes ``per + (u < extra)`` chunks). None past the last wave.
+  BENCHMARKS.md has the measured cost of 4x padding rows.
+
+  Scalar arithmetic on ``t``, ``busy`` and ``zero_from``, computed in the
+  kernel (as tables, the runs had cost two more small kernels per product
+  pair); it takes arrays of ``t`` too (the tests).
+  """
   products = _product_iterations(busy, num_sms, block_m)
-  num_iterations = _max_iterations(num_items, num_bands, num_sms)
   slots = _loop_slots(busy, num_sms, num_iterations)
+  # Shares before iteration t: one per product iteration, _IDLE_SHARES per idle one.
   cap = lambda t: jnp.where(t <= products, t,
                             products + _IDLE_SHARES * (jnp.minimum(t, slots) - products))
-  per, extra = divmod((num_blocks - zero_from) * row_chunks, cap(slots))
+  total = cap(slots)  # >= 1: slots >= 1 and every iteration has a share.
+  per, extra = (num_blocks - zero_from) * row_chunks // total, (num_blocks - zero_from) * row_chunks % total
   edge = lambda t: zero_from * row_chunks + cap(t) * per + jnp.minimum(cap(t), extra)
-  t = jnp.arange(num_iterations, dtype=jnp.int32)
-  zfirst, zcount = edge(t), edge(t + 1) - edge(t)  # Elementwise in t: one fusion.
-  return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)),
-          (zfirst.astype(jnp.int32), zcount.astype(jnp.int32)), item_end.astype(jnp.int32))
+  first = edge(t)
+  return first, edge(t + 1) - first
 
 
 # Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
@@ -636,7 +646,12 @@ def _max_iterations(num_items: int, num_bands: int, num_sms: int) -> int:
 
 def _loop_slots(busy, num_sms: int, num_iterations: int):
   """Iterations of :func:`_gmm_ws`'s loop: the whole waves that hold its ``busy`` product
-  iterations (at least one wave), at most ``num_iterations``."""
+  iterations (at least one wave), at most ``num_iterations``.
+
+  Not one per item of the static row count: at 4x padding rows most items are
+  unused, and their empty iterations had cost the padded forward 2 us and the
+  dgrad 7 us at the small benchmark shape (H200).
+  """
   return jnp.minimum(jnp.maximum(pl.cdiv(busy, num_sms), 1) * num_sms, num_iterations)
 
 
@@ -705,7 +720,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   ``sum(group_sizes)`` get zeros without a product: those up to the next
   multiple of ``block_m`` as one more item, and the blocks after them as zero
   stores that the items issue during their pipeline steps (the TMA engine
-  writes them while the tensor cores multiply; :func:`_pair_plan`).
+  writes them while the tensor cores multiply; :func:`_zero_share`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -733,7 +748,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   grid_n = pl.cdiv(m, cta_n)
   row_chunks = m // epi_n
   sms = num_sms or _num_sms()
-  items, zeros, item_end = _pair_plan(group_sizes, num_rows, bm, grid_n, sms, row_chunks)
+  items, item_end, zero_from = _pair_plan(group_sizes, num_rows, bm)
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -744,8 +759,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                         transforms=transforms, delay_release=1),
     ])
 
-  def body(group_ref, row0_ref, lo_ref, hi_ref, zfirst_ref, zcount_ref, item_end_ref, x_ref,
-           w_ref, o_ref):
+  def body(group_ref, row0_ref, lo_ref, hi_ref, item_end_ref, zero_from_ref, x_ref, w_ref, o_ref):
     wg = jax.lax.axis_index("wg")
     ignore = lambda *_, **__: None
 
@@ -761,10 +775,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     def _scope(allocs, o_smem):
       used_items = item_end_ref[num_groups]
       busy = used_items * grid_n  # Iterations with a product.
-      num_items = group_ref.shape[0]
+      zero_from = zero_from_ref[0]
+      num_iterations = _max_iterations(group_ref.shape[0], grid_n, sms)
 
-      @plgpu.nd_loop((_loop_slots(busy, sms, _max_iterations(num_items, grid_n, sms)),),
-                     collective_axes="sm")
+      @plgpu.nd_loop((_loop_slots(busy, sms, num_iterations),), collective_axes="sm")
       def _item(info):
         t = info.index[0]
         # Tile < used items x bands: a product, in bands of grid_block_n columns (the last
@@ -788,7 +802,9 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         lo = jnp.clip(lo_ref[item] - shift, 0, span)
         hi = jnp.clip(hi_ref[item] - shift, 0, span)
         row0 = pl.multiple_of(row0_ref[item] + shift, _ROW_ALIGN)
-        zfirst, zcount = zfirst_ref[t], zcount_ref[t]
+        zfirst, zcount = _zero_share(t, busy, zero_from, num_blocks=num_rows // bm,
+                                     row_chunks=row_chunks, num_sms=sms,
+                                     num_iterations=num_iterations, block_m=bm)
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
         def store(values, rows: int) -> None:
@@ -851,9 +867,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_rows, m), out_dtype, sms, interpret,
+  kernel = _persistent_kernel(body, _gmm_name(transpose_rhs), (num_rows, m), out_dtype, sms,
+                              interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(*items, *zeros, item_end, x, w)
+  return kernel(*items, item_end, zero_from, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
@@ -966,6 +983,6 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, (num_groups, k, m), out_dtype, sms, None,
+  kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, sms, None,
                               num_threads=3, thread_name="wg")
   return kernel(order, *plan, x, y)
