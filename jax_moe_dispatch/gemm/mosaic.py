@@ -593,8 +593,9 @@ def _zero_share(t, busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms
   # Shares before iteration t: one per product iteration, _IDLE_SHARES per idle one.
   cap = lambda t: jnp.where(t <= products, t,
                             products + _IDLE_SHARES * (jnp.minimum(t, slots) - products))
-  total = cap(slots)  # >= 1: slots >= 1 and every iteration has a share.
-  per, extra = (num_blocks - zero_from) * row_chunks // total, (num_blocks - zero_from) * row_chunks % total
+  shares = cap(slots)  # >= 1: slots >= 1 and every iteration has a share.
+  chunks = (num_blocks - zero_from) * row_chunks
+  per, extra = chunks // shares, chunks % shares
   edge = lambda t: zero_from * row_chunks + cap(t) * per + jnp.minimum(cap(t), extra)
   first = edge(t)
   return first, edge(t + 1) - first
