@@ -220,10 +220,10 @@ def test_work_items_cover_every_row_once(seed):
   # loop's iterations with a product (a tile or half of one) and larger ones over the idle
   # iterations of the last wave (at least one wave of iterations).
   num_iterations = mosaic._max_iterations(len(groups), num_bands, num_sms)
-  zfirst, zcount = (np.asarray(a) for a in mosaic._zero_share(
-      jnp.arange(num_iterations, dtype=jnp.int32), item_end[-1] * num_bands, zero_from_plan[0],
-      num_blocks=num_blocks, row_chunks=row_chunks, num_sms=num_sms,
-      num_iterations=num_iterations, block_m=block_m))
+  zero_share = mosaic._zero_shares(item_end[-1] * num_bands, zero_from_plan[0],
+                                   num_blocks=num_blocks, row_chunks=row_chunks, num_sms=num_sms,
+                                   num_iterations=num_iterations, block_m=block_m)
+  zfirst, zcount = (np.asarray(a) for a in zero_share(jnp.arange(num_iterations, dtype=jnp.int32)))
   chunk_owner = np.zeros(num_blocks * row_chunks, int)
   for first, count in zip(zfirst, zcount):
     chunk_owner[first:first + count] += 1

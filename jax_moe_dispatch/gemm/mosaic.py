@@ -538,7 +538,7 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
 
   The blocks after that (all rows past the sum, from block ``zero_from``
   on) are no items: they are zero chunks, which the loop's iterations store
-  while their products run (:func:`_zero_share`).
+  while their products run (:func:`_zero_shares`).
 
   Returns ``((group, row0, lo, hi) per item, item_end, zero_from)``, int32:
   the item's block is rows ``[row0, row0 + block_m)``, ``row0`` a multiple of
@@ -567,9 +567,10 @@ def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
           zero_from.astype(jnp.int32)[None])
 
 
-def _zero_share(t, busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms: int,
-                num_iterations: int, block_m: int):
-  """The zero chunks that loop iteration ``t`` of :func:`_gmm_ws` stores: ``(first, count)``.
+def _zero_shares(busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms: int,
+                 num_iterations: int, block_m: int):
+  """The zero chunks each loop iteration of :func:`_gmm_ws` stores: a function of the
+  iteration ``t`` giving ``(first, count)``.
 
   The blocks from ``zero_from`` to ``num_blocks`` hold no row of any group;
   each is ``row_chunks`` chunks (the block's rows times one staging width of
@@ -584,9 +585,10 @@ def _zero_share(t, busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms
   takes ``per + (u < extra)`` chunks). None past the last wave.
   BENCHMARKS.md has the measured cost of 4x padding rows.
 
-  Scalar arithmetic on ``t``, ``busy`` and ``zero_from``, computed in the
-  kernel (as tables, the runs had cost two more small kernels per product
-  pair); it takes arrays of ``t`` too (the tests).
+  Scalar arithmetic on ``busy`` and ``zero_from``, computed in the kernel
+  (as tables, the runs had cost two more small kernels per product pair): the
+  kernel calls this once, before its loop, and the returned function in each
+  iteration; the function takes arrays of ``t`` too (the tests).
   """
   products = _product_iterations(busy, num_sms, block_m)
   slots = _loop_slots(busy, num_sms, num_iterations)
@@ -597,8 +599,12 @@ def _zero_share(t, busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms
   chunks = (num_blocks - zero_from) * row_chunks
   per, extra = chunks // shares, chunks % shares
   edge = lambda t: zero_from * row_chunks + cap(t) * per + jnp.minimum(cap(t), extra)
-  first = edge(t)
-  return first, edge(t + 1) - first
+
+  def share(t):
+    first = edge(t)
+    return first, edge(t + 1) - first
+
+  return share
 
 
 # Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
@@ -721,7 +727,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   ``sum(group_sizes)`` get zeros without a product: those up to the next
   multiple of ``block_m`` as one more item, and the blocks after them as zero
   stores that the items issue during their pipeline steps (the TMA engine
-  writes them while the tensor cores multiply; :func:`_zero_share`).
+  writes them while the tensor cores multiply; :func:`_zero_shares`).
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -776,8 +782,10 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     def _scope(allocs, o_smem):
       used_items = item_end_ref[num_groups]
       busy = used_items * grid_n  # Iterations with a product.
-      zero_from = zero_from_ref[0]
       num_iterations = _max_iterations(group_ref.shape[0], grid_n, sms)
+      zero_share = _zero_shares(busy, zero_from_ref[0], num_blocks=num_rows // bm,
+                                row_chunks=row_chunks, num_sms=sms,
+                                num_iterations=num_iterations, block_m=bm)
 
       @plgpu.nd_loop((_loop_slots(busy, sms, num_iterations),), collective_axes="sm")
       def _item(info):
@@ -803,9 +811,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         lo = jnp.clip(lo_ref[item] - shift, 0, span)
         hi = jnp.clip(hi_ref[item] - shift, 0, span)
         row0 = pl.multiple_of(row0_ref[item] + shift, _ROW_ALIGN)
-        zfirst, zcount = _zero_share(t, busy, zero_from, num_blocks=num_rows // bm,
-                                     row_chunks=row_chunks, num_sms=sms,
-                                     num_iterations=num_iterations, block_m=bm)
+        zfirst, zcount = zero_share(t)
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
         def store(values, rows: int) -> None:
