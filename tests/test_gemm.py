@@ -175,6 +175,18 @@ def test_mosaic_refuses_with_the_fix():
     grouped_matmul(x, w, jnp.array([30, 34], jnp.int32), implementation="mosaic")
 
 
+def test_blocks_per_sm_only_for_the_one_consumer_wgrad():
+  bf16 = jnp.bfloat16
+  two = mosaic.TileConfig(blocks_per_sm=2)
+  assert mosaic.tgmm_unsupported((256, 128), (256, 128), bf16, bf16, two) is None
+  assert "blocks_per_sm" in mosaic.tgmm_unsupported((256, 128), (256, 128), bf16, bf16,
+                                                    mosaic.TileConfig(blocks_per_sm=3))
+  assert "blocks_per_sm" in mosaic.tgmm_unsupported(
+      (256, 128), (256, 128), bf16, bf16, mosaic.TileConfig(consumers=2, blocks_per_sm=2))
+  assert "blocks_per_sm" in mosaic.gmm_unsupported((256, 128), (2, 128, 128), bf16, bf16,
+                                                   False, two)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_work_items_cover_every_row_once(seed):
   """The two-consumer gmm's plan: each row up to the first all-zero block is in exactly one

@@ -22,7 +22,9 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
     past ``sum(group_sizes)`` only store zeros.
 
   Either way the cost follows the real rows, not the static row count.
-* :func:`tgmm`: ``out[g] = x_g.T @ y_g`` for every group, the wgrad. Each tile
+* :func:`tgmm`: ``out[g] = x_g.T @ y_g`` for every group, the wgrad, one
+  warpgroup per tile and two such thread blocks per SM
+  (``TileConfig.blocks_per_sm``), or two consumers and a producer. Each tile
   pipelines over the row blocks of its group only; in a block that holds other
   rows, those rows of ``y`` are zeroed (a select), and of ``x`` the rows past
   ``sum(group_sizes)`` (:func:`_foreign_rows`). Empty groups give zeros.
@@ -70,6 +72,11 @@ class TileConfig:
       warpgroup feeds two consumers that each own ``block_n`` of a
       ``block_m x 2 block_n`` tile and store it while the producer already
       loads the next one.
+    blocks_per_sm: :func:`tgmm` with one consumer only: persistent thread
+      blocks per SM. 2 runs two tiles' pipelines side by side on every SM,
+      each with its own loads, ``wgmma`` and epilogue, so that one's
+      pipeline fill and store overlap the other's products; both blocks'
+      ``steps`` stages must fit in shared memory together.
   """
 
   block_m: int = 128
@@ -78,6 +85,7 @@ class TileConfig:
   steps: int = 4
   grid_block_n: int = 1
   consumers: int = 1
+  blocks_per_sm: int = 1
 
 
 def _check_dtypes(dtype_a, dtype_b) -> Optional[str]:
@@ -108,6 +116,8 @@ def gmm_unsupported(x_shape, w_shape, dtype_x, dtype_w, transpose_rhs: bool,
     return f"consumers={cfg.consumers} (1 or 2)"
   if n % cfg.block_n:
     return f"output columns {n} are not a multiple of block_n={cfg.block_n}"
+  if cfg.blocks_per_sm != 1:
+    return f"blocks_per_sm={cfg.blocks_per_sm} (the wgrad's option; gmm takes 1)"
   return None
 
 
@@ -129,6 +139,8 @@ def tgmm_unsupported(x_shape, y_shape, dtype_x, dtype_y, cfg: TileConfig) -> Opt
     return f"consumers={cfg.consumers} (1 or 2)"
   if cfg.consumers == 2 and cfg.block_k % 64:
     return f"block_k={cfg.block_k} (the two-consumer wgrad masks rows in tiles of 64)"
+  if cfg.blocks_per_sm not in (1, 2) or (cfg.consumers == 2 and cfg.blocks_per_sm != 1):
+    return f"blocks_per_sm={cfg.blocks_per_sm} (1, or 2 with one consumer)"
   return None
 
 
@@ -172,8 +184,10 @@ def _wgrad_tile(t, num_sms: int, grid_m: int, grid_n: int, num_groups: int, orde
   ``p``, or to SM ``num_sms - 1 - p`` in odd waves (within 1.1x of the mean
   there). On an H200 the snake took the two-consumer wgrad from 156 to 149 us
   at that shape and from 1118 to 1103 us at (49152, 4096, 1408, 64), and the
-  one-consumer wgrad from 145 to 150 us; so only the two-consumer wgrad
-  deals one.
+  one-consumer wgrad with one block per SM from 145 to 150 us; with two
+  blocks per SM (``num_sms`` counts blocks, 264: a group's 128 tiles are
+  half a wave) from 136.6 to 133.6 us. So the wgrads deal one but for the
+  one-consumer wgrad with one block per SM.
 
   Returns ``(valid, g, mi, ni, start, end, first, steps)``: whether the step
   has a tile (the last wave may be short), the group, the ``K`` block and ``M``
@@ -460,14 +474,18 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   grid_m, grid_n = k // bm, m // bn
   plan = _group_blocks(group_sizes, bk)
-  sms = num_sms or _num_sms()
+  blocks = (num_sms or _num_sms()) * cfg.blocks_per_sm
+  order = (_longest_first(plan[-1]),) if cfg.blocks_per_sm > 1 else ()
   transforms = functools.partial(_swizzled, dtype=x.dtype)
 
-  def body(starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
-    @plgpu.nd_loop((_wgrad_steps(num_groups * grid_m * grid_n, sms),), collective_axes="sm")
+  def body(*refs):
+    order_ref = refs[0] if order else None
+    starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref = refs[len(order):]
+
+    @plgpu.nd_loop((_wgrad_steps(num_groups * grid_m * grid_n, blocks),), collective_axes="sm")
     def _tile(info):
       valid, g, mi, ni, start, end, first, steps = _wgrad_tile(
-          info.index[0], sms, grid_m, grid_n, num_groups, None, starts_ref, ends_ref,
+          info.index[0], blocks, grid_m, grid_n, num_groups, order_ref, starts_ref, ends_ref,
           first_ref, steps_ref)
       total = ends_ref[num_groups - 1]
 
@@ -511,8 +529,8 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
           plgpu.copy_smem_to_gmem(o_smem, o_ref.at[g, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, sms, interpret)
-  return kernel(*plan, x, y)
+  kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, blocks, interpret)
+  return kernel(*order, *plan, x, y)
 
 
 # Zero-chunk shares of an iteration of the last wave that has no product (a product's
