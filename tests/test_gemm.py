@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 from jax_moe_dispatch import grouped_matmul
 from jax_moe_dispatch.gemm import api as gemm_api
 from jax_moe_dispatch.gemm import mosaic
+from jax_moe_dispatch.gemm import plan as gemm_plan
 
 # name -> (rows N, group sizes); rows past the sum are padding (filled with NaN/Inf garbage).
 LAYOUTS = {
@@ -201,13 +202,14 @@ def test_work_items_cover_every_row_once(seed):
   # Half the seeds leave most rows past the groups; seed 0 has no rows at all.
   total = int(rng.integers(0, num_rows // (4 if seed % 2 else 1) + 1)) if seed else 0
   sizes = rng.multinomial(total, np.ones(num_groups) / num_groups)
-  items, item_end, zero_from_plan = mosaic._pair_plan(jnp.asarray(sizes, jnp.int32), num_rows,
-                                                      block_m)
-  groups, row0s, los, his = (np.asarray(a) for a in items)
+  plan = gemm_plan.work_plan(jnp.asarray(sizes, jnp.int32), num_rows, block_m=block_m,
+                             block_k=64, interpret=True)
+  groups, row0s, los, his = (np.asarray(a) for a in plan.items)
+  item_end, zero_from_plan = np.asarray(plan.item_end), plan.zero_from
   zero_from = -(-total // block_m)
   assert zero_from_plan.shape == (1,) and int(zero_from_plan[0]) == zero_from
   starts = np.concatenate([[0], np.cumsum(sizes)])
-  align = mosaic._ROW_ALIGN
+  align = gemm_plan.ROW_ALIGN
   owner = np.full(num_rows, -1)
   for g, row0, lo, hi in zip(groups, row0s, los, his):
     assert 0 <= lo <= hi <= block_m and row0 % align == 0
@@ -226,13 +228,14 @@ def test_work_items_cover_every_row_once(seed):
   spans = [e - b // align * align for b, e in zip(starts[:-1], starts[1:]) if e > b]
   spans += [zero_from * block_m - total + total % align] if zero_from * block_m > total else []
   assert used.sum() == sum(-(-s // block_m) for s in spans)
-  assert len(groups) == mosaic._max_items(num_rows, block_m, num_groups)
+  assert used.sum() <= plan.num_items == gemm_plan.max_items(num_rows, block_m, num_groups)
+  assert len(groups) >= plan.num_items and (groups[~used] == num_groups).all()
   assert (np.diff(row0s[used] + los[used]) > 0).all(), "items stay in row order"
   # Zero chunks: every chunk of every all-zero block exactly once, in near-equal runs over the
   # loop's iterations with a product (a tile or half of one) and larger ones over the idle
   # iterations of the last wave (at least one wave of iterations).
-  num_iterations = mosaic._max_iterations(len(groups), num_bands, num_sms)
-  zero_share = mosaic._zero_shares(item_end[-1] * num_bands, zero_from_plan[0],
+  num_iterations = mosaic._max_iterations(plan.num_items, num_bands, num_sms)
+  zero_share = mosaic._zero_shares(item_end[num_groups] * num_bands, zero_from_plan[0],
                                    num_blocks=num_blocks, row_chunks=row_chunks, num_sms=num_sms,
                                    num_iterations=num_iterations, block_m=block_m)
   zfirst, zcount = (np.asarray(a) for a in zero_share(jnp.arange(num_iterations, dtype=jnp.int32)))
@@ -244,8 +247,10 @@ def test_work_items_cover_every_row_once(seed):
   halves = busy % num_sms and 2 * (busy % num_sms) <= num_sms
   products = busy + (busy % num_sms if halves else 0)
   slots = min(max(-(-busy // num_sms), 1) * num_sms, num_iterations)
-  assert item_end[-1] == used.sum()
-  assert mosaic._loop_slots(item_end[-1] * num_bands, num_sms, num_iterations) == slots
+  assert (item_end[num_groups:] == used.sum()).all()
+  np.testing.assert_array_equal(item_end[:num_groups + 1],
+                                np.cumsum([(groups[used] == g).sum() for g in range(num_groups + 1)]))
+  assert mosaic._loop_slots(item_end[num_groups] * num_bands, num_sms, num_iterations) == slots
   assert int(mosaic._product_iterations(busy, num_sms, block_m)) == products <= slots
   assert not zcount[slots:].any(), "no zeros past the last wave"
   # A product's iteration is one share, an idle one _IDLE_SHARES; a share is per or per + 1.
@@ -292,8 +297,14 @@ def test_wgrad_tiles_dealt_once(seed, snake):
   num_groups, grid_m, grid_n = int(rng.integers(1, 20)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
   num_sms, block = int(rng.integers(1, 140)), 64
   sizes = rng.multinomial(int(rng.integers(0, 5000)), rng.dirichlet(np.ones(num_groups)))
-  starts, ends, first, steps = mosaic._group_blocks(jnp.asarray(sizes, jnp.int32), block)
-  order = mosaic._longest_first(steps) if snake else None
+  plan = gemm_plan.work_plan(jnp.asarray(sizes, jnp.int32), 5120, block_m=128, block_k=block,
+                             interpret=True)
+  starts, ends, first, steps = plan.group_blocks
+  order = plan.order if snake else None
+  assert sorted(np.asarray(plan.order)) == list(range(len(plan.order))), "a permutation"
+  np.testing.assert_array_equal(np.asarray(steps)[:num_groups],
+                                [-(-e // block) - b // block if e > b else 0
+                                 for b, e in zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))])
   num_tiles = num_groups * grid_m * grid_n
   t = jnp.arange(mosaic._wgrad_steps(num_tiles, num_sms), dtype=jnp.int32)
   valid, g, mi, ni, start, end, _, nsteps = (np.asarray(a) for a in mosaic._wgrad_tile(

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_moe_dispatch.gemm import mosaic
+from jax_moe_dispatch.gemm.plan import WorkPlan, work_plan
 from jax_moe_dispatch.gemm.tiles import tile_config
 
 __all__ = ["GemmImplementation", "grouped_matmul"]
@@ -70,7 +71,7 @@ def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
   return a if not extra else jnp.pad(a, ((0, extra), (0, 0)))
 
 
-class _Plan:
+class _Route:
   """Which kernel (or XLA) runs each of the three products, decided at trace time."""
 
   def __init__(self, x, w, implementation: str):
@@ -120,36 +121,51 @@ class _Plan:
                     f"jax.lax.ragged_dot ({why}).")
 
 
+def _work_plan(route: _Route, x, group_sizes) -> Optional[WorkPlan]:
+  """The kernels' work plan, made once by the forward and reused by the backward; ``None``
+  where no kernel runs."""
+  if route.why_not and route.why_not_dgrad and route.why_not_wgrad:
+    return None
+  rows = x.shape[0] + (-x.shape[0] % route.row_multiple)
+  return work_plan(group_sizes, rows, block_m=route.fwd_cfg.block_m,
+                   block_k=route.wgrad_cfg.block_k, interpret=route.interpret is not None)
+
+
+def _same_block_m(plan: Optional[WorkPlan], cfg: mosaic.TileConfig) -> Optional[WorkPlan]:
+  return plan if plan is not None and plan.block_m == cfg.block_m else None
+
+
 def _ragged(x, w, group_sizes, out_dtype):
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
 
 
-def _forward(plan: _Plan, x, w, group_sizes, out_dtype):
-  if plan.why_not:
+def _forward(route: _Route, plan, x, w, group_sizes, out_dtype):
+  if route.why_not:
     return _ragged(x, w, group_sizes, out_dtype)
   num_rows = x.shape[0]
-  out = mosaic.gmm(_pad_rows(x, plan.row_multiple), w, group_sizes, out_dtype=out_dtype,
-                   cfg=plan.fwd_cfg, num_sms=plan.num_sms, interpret=plan.interpret)
+  out = mosaic.gmm(_pad_rows(x, route.row_multiple), w, group_sizes, out_dtype=out_dtype,
+                   cfg=route.fwd_cfg, num_sms=route.num_sms, interpret=route.interpret,
+                   plan=_same_block_m(plan, route.fwd_cfg))
   return out[:num_rows]
 
 
-def _dgrad(plan: _Plan, dy, w, group_sizes, x_dtype):
-  if plan.why_not_dgrad:
+def _dgrad(route: _Route, plan, dy, w, group_sizes, x_dtype):
+  if route.why_not_dgrad:
     return _ragged(dy, jnp.swapaxes(w, 1, 2), group_sizes, x_dtype)
   num_rows = dy.shape[0]
-  out = mosaic.gmm(_pad_rows(dy, plan.row_multiple), w, group_sizes, transpose_rhs=True,
-                   out_dtype=x_dtype, cfg=plan.dgrad_cfg, num_sms=plan.num_sms,
-                   interpret=plan.interpret)
+  out = mosaic.gmm(_pad_rows(dy, route.row_multiple), w, group_sizes, transpose_rhs=True,
+                   out_dtype=x_dtype, cfg=route.dgrad_cfg, num_sms=route.num_sms,
+                   interpret=route.interpret, plan=_same_block_m(plan, route.dgrad_cfg))
   return out[:num_rows]
 
 
-def _wgrad(plan: _Plan, x, dy, group_sizes, w):
-  if plan.why_not_wgrad:
+def _wgrad(route: _Route, plan, x, dy, group_sizes, w):
+  if route.why_not_wgrad:
     _, pullback = jax.vjp(lambda w: _ragged(x, w, group_sizes, dy.dtype), w)
     return pullback(dy)[0]
-  return mosaic.tgmm(_pad_rows(x, plan.row_multiple), _pad_rows(dy, plan.row_multiple),
-                     group_sizes, out_dtype=w.dtype, cfg=plan.wgrad_cfg, num_sms=plan.num_sms,
-                     interpret=plan.interpret)
+  return mosaic.tgmm(_pad_rows(x, route.row_multiple), _pad_rows(dy, route.row_multiple),
+                     group_sizes, out_dtype=w.dtype, cfg=route.wgrad_cfg, num_sms=route.num_sms,
+                     interpret=route.interpret, plan=plan)
 
 
 def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
@@ -164,22 +180,28 @@ def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
   return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
+def _apply(x, w, group_sizes, out_dtype, implementation):
+  route = _Route(x, w, implementation)
+  plan = _work_plan(route, x, group_sizes)
+  return _like(_forward(route, plan, x, w, group_sizes, out_dtype), x, w, group_sizes), plan
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul(x, w, group_sizes, out_dtype, implementation):
-  plan = _Plan(x, w, implementation)
-  return _like(_forward(plan, x, w, group_sizes, out_dtype), x, w, group_sizes)
+  return _apply(x, w, group_sizes, out_dtype, implementation)[0]
 
 
 def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation):
-  return _grouped_matmul(x, w, group_sizes, out_dtype, implementation), (x, w, group_sizes)
+  out, plan = _apply(x, w, group_sizes, out_dtype, implementation)
+  return out, (x, w, group_sizes, plan)
 
 
 def _grouped_matmul_bwd(out_dtype, implementation, res, dy):
-  x, w, group_sizes = res
-  plan = _Plan(x, w, implementation)
+  x, w, group_sizes, plan = res
+  route = _Route(x, w, implementation)
   dy = dy.astype(x.dtype)
-  dx = _like(_dgrad(plan, dy, w, group_sizes, x.dtype), x)
-  dw = _like(_wgrad(plan, x, dy, group_sizes, w), w)
+  dx = _like(_dgrad(route, plan, dy, w, group_sizes, x.dtype), x)
+  dw = _like(_wgrad(route, plan, x, dy, group_sizes, w), w)
   return dx, dw, None
 
 

@@ -29,9 +29,11 @@ output tiles), each tile a TMA-fed ``wgmma`` pipeline over the reduction axis:
   rows, those rows of ``y`` are zeroed (a select), and of ``x`` the rows past
   ``sum(group_sizes)`` (:func:`_foreign_rows`). Empty groups give zeros.
 
-A small plan (the work items, or per row block the first and last group it
-touches) is computed by XLA before the kernel from ``group_sizes``; nothing
-synchronises with the host.
+A small plan from ``group_sizes`` says which rows each tile covers: for the
+two-consumer forward/dgrad and both wgrads the :class:`~jax_moe_dispatch.gemm.plan.WorkPlan`
+(one small Pallas-Triton kernel, which the caller may compute once for all
+three products), for the one-consumer forward/dgrad per row block the first
+and last group it touches (XLA). Nothing synchronises with the host.
 
 Shapes a kernel cannot take are the caller's to route elsewhere
 (:func:`gmm_unsupported` / :func:`tgmm_unsupported` say why).
@@ -47,6 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_moe_dispatch.gemm.plan import ROW_ALIGN, WorkPlan, work_plan
 
 __all__ = ["TileConfig", "gmm", "gmm_unsupported", "tgmm", "tgmm_unsupported"]
 
@@ -150,20 +154,6 @@ def _bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ends - sizes, ends
 
 
-def _group_blocks(group_sizes: jax.Array, block: int):
-  """``(starts, ends, first block, row blocks)`` of every group (int32): the blocks of
-  ``block`` rows that hold its rows, from ``first block`` on; 0 blocks for an empty group."""
-  starts, ends = _bounds(group_sizes)
-  first = starts // block
-  num_blocks = jnp.where(ends > starts, pl.cdiv(ends, block) - first, 0)
-  return starts, ends, first.astype(jnp.int32), num_blocks.astype(jnp.int32)
-
-
-def _longest_first(num_blocks: jax.Array) -> jax.Array:
-  """The groups by descending row blocks, ties by index (int32): :func:`_wgrad_tile`'s snake."""
-  return jnp.argsort(-num_blocks, stable=True).astype(jnp.int32)
-
-
 def _wgrad_steps(num_tiles: int, num_sms: int) -> int:
   """Loop steps of a wgrad's ``nd_loop``: whole waves of ``num_sms`` (:func:`_wgrad_tile`)."""
   return pl.cdiv(num_tiles, num_sms) * num_sms
@@ -179,7 +169,7 @@ def _wgrad_tile(t, num_sms: int, grid_m: int, grid_n: int, num_groups: int, orde
   about as many tiles as there are SMs (the one-consumer wgrad at K=2048,
   M=1024: 128 tiles), 1.3-1.4x the mean work where it has half as many (the
   two-consumer one there, Zipf groups). With ``order_ref`` (the groups by
-  descending row blocks, :func:`_longest_first`) the tiles are ranked longest
+  descending row blocks, ``WorkPlan.order``) the tiles are ranked longest
   first and dealt in a snake: wave ``w`` gives rank ``w * num_sms + p`` to SM
   ``p``, or to SM ``num_sms - 1 - p`` in odd waves (within 1.1x of the mean
   there). On an H200 the snake took the two-consumer wgrad from 156 to 149 us
@@ -297,6 +287,23 @@ def _row_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
   return g_lo, g_hi, whole.astype(jnp.int32), starts, ends
 
 
+def _plan_for(plan: Optional[WorkPlan], group_sizes: jax.Array, num_rows: int, *,
+              block_m: Optional[int] = None, block_k: Optional[int] = None,
+              interpret: Any = None) -> WorkPlan:
+  """``plan``, checked against the kernel's rows, groups and blocks; a new one if ``None``."""
+  if plan is None:
+    return work_plan(group_sizes, num_rows, block_m=block_m or TileConfig.block_m,
+                     block_k=block_k or TileConfig.block_k, interpret=interpret is not None)
+  want = (num_rows, group_sizes.shape[0], block_m or plan.block_m, block_k or plan.block_k)
+  have = (plan.num_rows, plan.num_groups, plan.block_m, plan.block_k)
+  if have != want:
+    raise ValueError(
+        f"The work plan was made for (rows, groups, block_m, block_k) = {have}, the kernel runs "
+        f"{want}. Fix: make it with work_plan(group_sizes, {num_rows}, block_m=..., block_k=...) "
+        "from the kernel's TileConfig, or pass none.")
+  return plan
+
+
 def _num_sms() -> int:
   dev = jax.devices()[0]
   return int(getattr(dev, "core_count", 0) or 132)
@@ -361,7 +368,7 @@ def _mma(acc_ref, a_ref, b_ref, *, transpose_a: bool, transpose_b: bool, interpr
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-        interpret: Any = None) -> jax.Array:
+        interpret: Any = None, plan: Optional[WorkPlan] = None) -> jax.Array:
   """``out[r] = x[r] @ w[g]`` (``w[g].T`` if ``transpose_rhs``) for the rows ``r`` of group ``g``.
 
   Args:
@@ -372,13 +379,16 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
     cfg: tile sizes (:func:`gmm_unsupported` says whether they fit).
     num_sms: persistent thread blocks (default: the device's SM count).
     interpret: a Pallas Mosaic-GPU interpret-mode parameter object (tests).
+    plan: the :func:`~jax_moe_dispatch.gemm.plan.work_plan` of ``N`` rows
+      with ``cfg.block_m``, if the caller has it (else computed here); the
+      two-consumer kernel's items. The one-consumer kernel plans by row block.
 
   Returns:
     ``[N, M]``; rows past ``sum(group_sizes)`` are zero.
   """
   if cfg.consumers == 2:
     return _gmm_ws(x, w, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg,
-                   num_sms=num_sms, interpret=interpret)
+                   num_sms=num_sms, interpret=interpret, plan=plan)
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -450,7 +460,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
 
 def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
          cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-         interpret: Any = None) -> jax.Array:
+         interpret: Any = None, plan: Optional[WorkPlan] = None) -> jax.Array:
   """``out[g] = x[rows of g].T @ y[rows of g]`` for every group (the weight gradient).
 
   Args:
@@ -460,27 +470,29 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
     out_dtype: result dtype (default ``x.dtype``); accumulation is float32.
     cfg: ``block_m`` tiles ``K``, ``block_n`` tiles ``M``, ``block_k`` is the
       rows per pipeline step.
+    plan: the :func:`~jax_moe_dispatch.gemm.plan.work_plan` of ``N`` rows
+      with ``cfg.block_k``, if the caller has it (else computed here): the
+      groups' row blocks and their order.
 
   Returns:
     ``[G, K, M]``; zero for empty groups.
   """
   if cfg.consumers == 2:
     return _tgmm_ws(x, y, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
-                    interpret=interpret)
+                    interpret=interpret, plan=plan)
   num_rows, k = x.shape
   _, m = y.shape
   num_groups = group_sizes.shape[0]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   grid_m, grid_n = k // bm, m // bn
-  plan = _group_blocks(group_sizes, bk)
+  plan = _plan_for(plan, group_sizes, num_rows, block_k=bk, interpret=interpret)
   blocks = (num_sms or _num_sms()) * cfg.blocks_per_sm
-  order = (_longest_first(plan[-1]),) if cfg.blocks_per_sm > 1 else ()
   transforms = functools.partial(_swizzled, dtype=x.dtype)
 
-  def body(*refs):
-    order_ref = refs[0] if order else None
-    starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref = refs[len(order):]
+  def body(order_ref, starts_ref, ends_ref, first_ref, steps_ref, x_ref, y_ref, o_ref):
+    if cfg.blocks_per_sm == 1:
+      order_ref = None  # Dealt in group order (_wgrad_tile).
 
     @plgpu.nd_loop((_wgrad_steps(num_groups * grid_m * grid_n, blocks),), collective_axes="sm")
     def _tile(info):
@@ -530,59 +542,13 @@ def tgmm(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, blocks, interpret)
-  return kernel(*order, *plan, x, y)
+  return kernel(plan.order, *plan.group_blocks, x, y)
 
 
 # Zero-chunk shares of an iteration of the last wave that has no product (a product's
 # iteration has one): it has nothing else to do. H200, small shape with 4x padding rows:
 # dgrad 186.3 -> 183.4 us from 1 to 4 shares, the forward unchanged; 12 slowed the forward.
 _IDLE_SHARES = 4
-
-
-def _pair_plan(group_sizes: jax.Array, num_rows: int, block_m: int):
-  """Work items of :func:`gmm_ws`: every group's rows in runs of ``block_m``.
-
-  A group's items start at its first row rounded down to a multiple of
-  ``_ROW_ALIGN``, not of ``block_m``: item ``j`` of group ``g`` is the block
-  of rows from ``align(start_g) + j block_m``, of which it stores the
-  group's, so each group wastes only its last item's unused rows and up to
-  ``_ROW_ALIGN - 1`` before its first (those rows belong to the neighbours,
-  or lie past the last row, where the TMA engine reads zeros). Aligned to
-  ``block_m``, every group boundary had cost one whole extra item: at 64
-  skewed groups a sixth more tiles. The rows past ``sum(group_sizes)`` up to
-  the next multiple of ``block_m`` form one more group, numbered ``G``,
-  whose one item only stores zeros. Items come in row order; there are at
-  most :func:`_max_items` of them, the unused ones last with no rows.
-
-  The blocks after that (all rows past the sum, from block ``zero_from``
-  on) are no items: they are zero chunks, which the loop's iterations store
-  while their products run (:func:`_zero_shares`).
-
-  Returns ``((group, row0, lo, hi) per item, item_end, zero_from)``, int32:
-  the item's block is rows ``[row0, row0 + block_m)``, ``row0`` a multiple of
-  ``_ROW_ALIGN``, and it stores the block's rows ``[lo, hi)``
-  (block-relative; empty for an unused item); ``item_end[G]`` is the number
-  of used items, from which the kernel sizes its loop (:func:`_loop_slots`);
-  ``zero_from`` (shape ``[1]``) is the first block past every group's rows.
-  """
-  num_groups = group_sizes.shape[0]
-  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)
-  zero_from = pl.cdiv(ends[-1], block_m)  # The first block with no row of any group.
-  ends = jnp.concatenate([ends, (zero_from * block_m)[None]])
-  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-  aligned = starts // _ROW_ALIGN * _ROW_ALIGN
-  count = jnp.where(ends > starts, pl.cdiv(ends - aligned, block_m), 0)
-  item_end = jnp.cumsum(count)
-  num_items = _max_items(num_rows, block_m, num_groups)
-  p = jnp.arange(num_items, dtype=jnp.int32)
-  g = jnp.minimum(_group_of(item_end, p), num_groups)
-  used = p < item_end[-1]
-  row0 = aligned[g] + (p - (item_end[g] - count[g])) * block_m
-  lo = jnp.where(used, jnp.maximum(starts[g] - row0, 0), 0)
-  hi = jnp.where(used, jnp.minimum(ends[g] - row0, block_m), 0)
-  row0 = jnp.where(used, row0, 0)
-  return (tuple(a.astype(jnp.int32) for a in (g, row0, lo, hi)), item_end.astype(jnp.int32),
-          zero_from.astype(jnp.int32)[None])
 
 
 def _zero_shares(busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms: int,
@@ -623,18 +589,6 @@ def _zero_shares(busy, zero_from, *, num_blocks: int, row_chunks: int, num_sms: 
     return first, edge(t + 1) - first
 
   return share
-
-
-# Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
-# 128 bytes, swizzled) from a global row that Mosaic GPU must prove a multiple of 8.
-_ROW_ALIGN = 8
-
-
-def _max_items(num_rows: int, block_m: int, num_groups: int) -> int:
-  """The most items :func:`_pair_plan` can make: ``sum(ceil((size + s) / block_m))`` over
-  the ``G + 1`` groups, ``s < _ROW_ALIGN`` the rows before each group's first, sizes
-  summing to at most ``num_rows``."""
-  return num_rows // block_m + (num_groups + 1) * (block_m + _ROW_ALIGN - 2) // block_m
 
 
 def _iteration_tile(t, busy, num_sms: int, block_m: int):
@@ -732,11 +686,12 @@ def _store_consumer_tile(tile, staging, copy, *, block_n: int, has_columns=None)
 
 def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
            out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-           interpret: Any = None, _interpretable: bool = False) -> jax.Array:
+           interpret: Any = None, plan: Optional[WorkPlan] = None,
+           _interpretable: bool = False) -> jax.Array:
   """:func:`gmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
 
   Each work item is up to ``block_m`` rows of one group, in blocks from
-  about the group's first row on (:func:`_pair_plan`), times ``2 * block_n``
+  about the group's first row on (:class:`~jax_moe_dispatch.gemm.plan.WorkPlan`), times ``2 * block_n``
   output columns: the producer streams ``x`` rows and ``w[g]`` columns
   through shared memory while consumer warpgroup ``i`` accumulates columns
   ``[i * block_n, (i + 1) * block_n)`` and then stores only the item's rows
@@ -760,6 +715,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     m = w.shape[2]
     w = jnp.pad(w, ((0, 0), (0, 0), (0, -m % cta_n)))
     x = jnp.pad(x, ((0, bm), (0, 0)))
+    # The padded x has other rows than any caller's plan: plan anew.
     return _gmm_ws(x, w, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
                    interpret=interpret, _interpretable=True)[:-bm, :m]
   num_rows, k = x.shape
@@ -773,7 +729,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   grid_n = pl.cdiv(m, cta_n)
   row_chunks = m // epi_n
   sms = num_sms or _num_sms()
-  items, item_end, zero_from = _pair_plan(group_sizes, num_rows, bm)
+  plan = _plan_for(plan, group_sizes, num_rows, block_m=bm, interpret=interpret)
   transforms = _swizzled(bk, x.dtype)
 
   def pipeline(step, context):
@@ -800,7 +756,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     def _scope(allocs, o_smem):
       used_items = item_end_ref[num_groups]
       busy = used_items * grid_n  # Iterations with a product.
-      num_iterations = _max_iterations(group_ref.shape[0], grid_n, sms)
+      num_iterations = _max_iterations(plan.num_items, grid_n, sms)
       zero_share = _zero_shares(busy, zero_from_ref[0], num_blocks=num_rows // bm,
                                 row_chunks=row_chunks, num_sms=sms,
                                 num_iterations=num_iterations, block_m=bm)
@@ -828,7 +784,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         span = jnp.where(in_half, hb, bm)
         lo = jnp.clip(lo_ref[item] - shift, 0, span)
         hi = jnp.clip(hi_ref[item] - shift, 0, span)
-        row0 = pl.multiple_of(row0_ref[item] + shift, _ROW_ALIGN)
+        row0 = pl.multiple_of(row0_ref[item] + shift, ROW_ALIGN)
         zfirst, zcount = zero_share(t)
         has_columns = ni * cta_n + wg * bn < m if m % cta_n else None
 
@@ -895,12 +851,12 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   kernel = _persistent_kernel(body, _gmm_name(transpose_rhs), (num_rows, m), out_dtype, sms,
                               interpret,
                               num_threads=3, thread_name="wg")
-  return kernel(*items, item_end, zero_from, x, w)
+  return kernel(*plan.items, plan.item_end, plan.zero_from, x, w)
 
 
 def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
              cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-             interpret: Any = None) -> jax.Array:
+             interpret: Any = None, plan: Optional[WorkPlan] = None) -> jax.Array:
   """:func:`tgmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
 
   A work item is one group's ``block_m x 2 block_n`` output tile: the
@@ -929,8 +885,7 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   epi_n = _staging_cols(bn, out_dtype)
   grid_m, grid_n = k // bm, pl.cdiv(m, cta_n)
-  plan = _group_blocks(group_sizes, bk)
-  order = _longest_first(plan[-1])
+  plan = _plan_for(plan, group_sizes, num_rows, block_k=bk, interpret=interpret)
   sms = num_sms or _num_sms()
   transforms = functools.partial(_swizzled, dtype=x.dtype)
 
@@ -1010,4 +965,4 @@ def _tgmm_ws(x: jax.Array, y: jax.Array, group_sizes: jax.Array, *, out_dtype=No
 
   kernel = _persistent_kernel(body, "jmd_tgmm", (num_groups, k, m), out_dtype, sms, None,
                               num_threads=3, thread_name="wg")
-  return kernel(order, *plan, x, y)
+  return kernel(plan.order, *plan.group_blocks, x, y)

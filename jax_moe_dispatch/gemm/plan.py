@@ -1,0 +1,221 @@
+"""The work plan of the grouped-GEMM kernels: which rows each tile covers, from ``group_sizes``.
+
+Both Hopper kernels of :mod:`jax_moe_dispatch.gemm.mosaic` read a small plan
+that only ``group_sizes`` decides:
+
+* the forward/dgrad kernel (two consumers) runs *items*: blocks of
+  ``block_m`` rows of one group, from the group's first row rounded down to a
+  multiple of ``ROW_ALIGN``. Item ``j`` of group ``g`` is rows
+  ``[align(start_g) + j block_m, + block_m)``, of which it stores the group's,
+  so each group wastes only its last item's unused rows and up to
+  ``ROW_ALIGN - 1`` before its first (rows of the neighbours, or past the
+  last row, where the TMA engine reads zeros). The rows past
+  ``sum(group_sizes)`` up to the next multiple of ``block_m`` form one more
+  group, numbered ``G``, whose one item only stores zeros; the blocks after
+  that (from ``zero_from`` on) are no items but zero chunks
+  (``mosaic._zero_shares``). Items come in row order, the unused ones last.
+* the wgrad kernels run per group over the group's ``block_k``-row blocks
+  (``first_block`` and ``row_blocks`` of them) and deal the groups' tiles
+  longest first (``order``).
+
+:func:`work_plan` computes all of it in one Pallas-Triton kernel launch. As
+XLA operations the same plan took six small kernels (two prefix sums, a sort
+and the element-wise work around them): 8.6 us of a 355 us forward+backward at
+``(N, K, M, G) = (16384, 2048, 1024, 16)`` on an H200 (BENCHMARKS.md). The
+forward computes the plan once and its backward reuses it
+(:func:`jax_moe_dispatch.gemm.grouped_matmul`).
+
+Every array has a power-of-two length (the Triton lowering takes no other):
+the per-group ones ``groups_width >= G + 1``, the per-item ones
+``items_width >= max_items(...)``; the kernels read them by index only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+__all__ = ["ROW_ALIGN", "WorkPlan", "max_items", "work_plan"]
+
+# Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
+# 128 bytes, swizzled) from a global row that Mosaic GPU must prove a multiple of 8.
+ROW_ALIGN = 8
+
+# Elements of the one-hot matrices (rows x groups) that one program of the plan kernel
+# reduces at once: items or groups per program = this / groups_width (at least 16).
+_CHUNK_ELEMENTS = 8192
+_NUM_WARPS = 4
+
+
+def max_items(num_rows: int, block_m: int, num_groups: int) -> int:
+  """The most items a plan can hold: ``sum(ceil((size + s) / block_m))`` over the ``G + 1``
+  groups, ``s < ROW_ALIGN`` the rows before each group's first, sizes summing to at most
+  ``num_rows``."""
+  return num_rows // block_m + (num_groups + 1) * (block_m + ROW_ALIGN - 2) // block_m
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["item_group", "item_row0", "item_lo", "item_hi", "item_end", "zero_from",
+                 "starts", "ends", "first_block", "row_blocks", "order"],
+    meta_fields=["num_rows", "num_groups", "block_m", "block_k"],
+)
+@dataclasses.dataclass(frozen=True)
+class WorkPlan:
+  """The plan of ``G`` groups over ``num_rows`` rows (int32 arrays; :func:`work_plan`).
+
+  Items (forward and dgrad, ``block_m`` rows; ``[items_width]``):
+    item_group: the item's group (``G``: the zero item past the groups).
+    item_row0: its block's first row, a multiple of ``ROW_ALIGN``.
+    item_lo, item_hi: the rows ``[lo, hi)`` of its block that it stores
+      (block-relative; empty for an unused item).
+  Per group (``[groups_width]``):
+    item_end: items of the groups up to this one; entry ``G`` counts the used items.
+    zero_from: ``[1]``, the first ``block_m`` block past every group's rows.
+    starts, ends: the group's rows ``[start, end)`` (``cumsum(group_sizes)``, unclamped).
+    first_block, row_blocks: its ``block_k``-row blocks (none for an empty group).
+    order: the groups by descending ``row_blocks``, ties by index (first ``G`` entries).
+  """
+
+  item_group: jax.Array
+  item_row0: jax.Array
+  item_lo: jax.Array
+  item_hi: jax.Array
+  item_end: jax.Array
+  zero_from: jax.Array
+  starts: jax.Array
+  ends: jax.Array
+  first_block: jax.Array
+  row_blocks: jax.Array
+  order: jax.Array
+  num_rows: int
+  num_groups: int
+  block_m: int
+  block_k: int
+
+  @property
+  def num_items(self) -> int:
+    """The static bound of used items (:func:`max_items`)."""
+    return max_items(self.num_rows, self.block_m, self.num_groups)
+
+  @property
+  def items(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return self.item_group, self.item_row0, self.item_lo, self.item_hi
+
+  @property
+  def group_blocks(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return self.starts, self.ends, self.first_block, self.row_blocks
+
+
+def _cdiv(a, b: int):
+  return (a + b - 1) // b
+
+
+def _pick(one_hot, values):
+  """``values[g]`` for each row's group, ``one_hot`` ``[rows, groups]``: a masked row sum."""
+  return jnp.sum(jnp.where(one_hot, values[None, :], 0), axis=1)
+
+
+def _plan_kernel(sizes_ref, group_ref, row0_ref, lo_ref, hi_ref, item_end_ref, zero_from_ref,
+                 starts_ref, ends_ref, first_ref, blocks_ref, order_ref, *, num_rows: int,
+                 num_groups: int, block_m: int, block_k: int, chunk_items: int,
+                 chunk_groups: int):
+  """Every program recomputes the per-group vectors (``groups_width`` wide, cheap); program
+  ``i`` then writes items ``[i chunk_items, +chunk_items)`` and ranks groups
+  ``[i chunk_groups, +chunk_groups)``; program 0 writes the per-group arrays."""
+  pid = pl.program_id(0)
+  width = item_end_ref.shape[0]
+  gi = jnp.arange(width, dtype=jnp.int32)
+  real = gi < num_groups
+  sizes = plt.load(sizes_ref.at[pl.ds(0, width)], mask=real, other=0)
+  csum = jnp.cumsum(sizes)
+  # The wgrad's row blocks.
+  first = (csum - sizes) // block_k
+  blocks = jnp.where(sizes > 0, _cdiv(csum, block_k) - first, 0)
+  # The items: groups 0..G-1 clamped to num_rows, group G up to the next block_m multiple.
+  ends = jnp.minimum(csum, num_rows)
+  zero_from = _cdiv(jnp.max(ends), block_m)
+  ends = jnp.where(real, ends, zero_from * block_m)
+  starts = jnp.where(gi <= num_groups, jnp.minimum(csum - sizes, num_rows), ends)
+  aligned = starts // ROW_ALIGN * ROW_ALIGN
+  count = jnp.where(ends > starts, _cdiv(ends - aligned, block_m), 0)
+  item_end = jnp.cumsum(count)
+  used = jnp.max(item_end)
+
+  @pl.when(pid == 0)
+  def _groups():
+    item_end_ref[...] = item_end
+    zero_from_ref[...] = jnp.full(zero_from_ref.shape, zero_from, jnp.int32)
+    starts_ref[...] = csum - sizes
+    ends_ref[...] = csum
+    first_ref[...] = first
+    blocks_ref[...] = blocks
+
+  @pl.when(pid * chunk_items < group_ref.shape[0])
+  def _items():
+    p = pid * chunk_items + jnp.arange(chunk_items, dtype=jnp.int32)
+    g = jnp.sum((item_end[None, :] <= p[:, None]).astype(jnp.int32), axis=1)
+    g = jnp.minimum(g, num_groups)
+    one_hot = gi[None, :] == g[:, None]
+    in_use = p < used
+    row0 = _pick(one_hot, aligned) + (p - _pick(one_hot, item_end - count)) * block_m
+    lo = jnp.where(in_use, jnp.maximum(_pick(one_hot, starts) - row0, 0), 0)
+    hi = jnp.where(in_use, jnp.minimum(_pick(one_hot, ends) - row0, block_m), 0)
+    span = pl.ds(pid * chunk_items, chunk_items)
+    group_ref[span] = g
+    row0_ref[span] = jnp.where(in_use, row0, 0)
+    lo_ref[span] = lo
+    hi_ref[span] = hi
+
+  @pl.when(pid * chunk_groups < width)
+  def _order():
+    h = pid * chunk_groups + jnp.arange(chunk_groups, dtype=jnp.int32)
+    mine = _pick(gi[None, :] == h[:, None], blocks)
+    before = (blocks[None, :] > mine[:, None]) | (
+        (blocks[None, :] == mine[:, None]) & (gi[None, :] < h[:, None]))
+    rank = jnp.sum((before & real[None, :]).astype(jnp.int32), axis=1)
+    # The padding groups keep their places, so that order is a permutation of all of them.
+    plt.store(order_ref.at[jnp.where(h < num_groups, rank, h)], h)
+
+
+def work_plan(group_sizes: jax.Array, num_rows: int, *, block_m: int, block_k: int,
+              interpret: bool = False) -> WorkPlan:
+  """The :class:`WorkPlan` of ``group_sizes`` ``[G]`` over ``num_rows`` rows, in one kernel.
+
+  Args:
+    group_sizes: ``[G]`` integer rows per group (``sum <= num_rows``; groups past
+      ``num_rows`` are clamped to it).
+    num_rows: the static row count of the operands.
+    block_m: rows per item (the forward/dgrad kernel's ``block_m``).
+    block_k: rows per wgrad step (the wgrad kernel's ``block_k``).
+    interpret: run the kernel under Pallas's interpreter (CPU; tests).
+  """
+  num_groups = group_sizes.shape[0]
+  width = _pow2(num_groups + 1)
+  items_width = _pow2(max_items(num_rows, block_m, num_groups))
+  per = max(_CHUNK_ELEMENTS // width, 16)
+  chunk_items, chunk_groups = min(per, items_width), min(per, width)
+  programs = max(items_width // chunk_items, width // chunk_groups)
+  i32 = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
+  kernel = functools.partial(_plan_kernel, num_rows=num_rows, num_groups=num_groups,
+                             block_m=block_m, block_k=block_k, chunk_items=chunk_items,
+                             chunk_groups=chunk_groups)
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=[i32(items_width)] * 4 + [i32(width), i32(1)] + [i32(width)] * 5,
+      grid=(programs,),
+      compiler_params=plt.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name="jmd_gemm_plan",
+  )(group_sizes.astype(jnp.int32))
+  return WorkPlan(*outs, num_rows=num_rows, num_groups=num_groups, block_m=block_m,
+                  block_k=block_k)
