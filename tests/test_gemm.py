@@ -262,6 +262,37 @@ def test_work_items_cover_every_row_once(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
+def test_plan_kernel_matches_its_xla_specification(seed):
+  """The one-kernel work plan equals :func:`xla_work_plan` element for element, padding
+  included; odd seeds have hundreds of groups (several programs rank them) and many rows
+  (several programs write the items)."""
+  rng = np.random.default_rng(seed)
+  num_groups = int(rng.integers(100, 300) if seed % 2 else rng.integers(1, 20))
+  num_rows = 128 * int(rng.integers(1, 100))
+  sizes = rng.multinomial(int(rng.integers(0, num_rows + 1)),
+                          rng.dirichlet(np.full(num_groups, 0.3)))
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  kernel = gemm_plan.work_plan(group_sizes, num_rows, block_m=128, block_k=64, interpret=True)
+  spec = gemm_plan.xla_work_plan(group_sizes, num_rows, block_m=128, block_k=64)
+  for got, want in zip(jax.tree.leaves(kernel), jax.tree.leaves(spec)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_plan_without_pallas_triton_runs_on_xla_and_says_so(monkeypatch, caplog):
+  monkeypatch.setattr(gemm_plan, "plt", None)
+  gemm_plan._log_xla_plan_once.cache_clear()
+  group_sizes = jnp.asarray([5, 0, 300], jnp.int32)
+  with caplog.at_level(logging.WARNING, logger="jax_moe_dispatch"):
+    plan = gemm_plan.work_plan(group_sizes, 384, block_m=128, block_k=64)
+  assert "no Pallas-Triton backend" in caplog.text
+  want = gemm_plan.xla_work_plan(group_sizes, 384, block_m=128, block_k=64)
+  for got, ref in zip(jax.tree.leaves(plan), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, ref)
+  gemm_plan._log_xla_plan_once.cache_clear()
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_loop_runs_every_tile_once(seed):
   """The two-consumer gmm's loop: every tile in exactly one iteration, or, where the last
   wave is at most half full, each of that wave's tiles in two iterations as its two row

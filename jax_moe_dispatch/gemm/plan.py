@@ -19,11 +19,13 @@ that only ``group_sizes`` decides:
   longest first (``order``).
 
 :func:`work_plan` computes all of it in one Pallas-Triton kernel launch. As
-XLA operations the same plan took six small kernels (two prefix sums, a sort
-and the element-wise work around them): 8.6 us of a 355 us forward+backward at
-``(N, K, M, G) = (16384, 2048, 1024, 16)`` on an H200 (BENCHMARKS.md). The
-forward computes the plan once and its backward reuses it
-(:func:`jax_moe_dispatch.gemm.grouped_matmul`).
+XLA operations (:func:`xla_work_plan`, the readable specification, the tests'
+oracle, and the fallback where ``jax.experimental.pallas.triton`` is missing:
+JAX 0.11 deprecates that backend) the same plan takes six small kernels (two
+prefix sums, a sort and the element-wise work around them): 8.6 us of a 355 us
+forward+backward at ``(N, K, M, G) = (16384, 2048, 1024, 16)`` on an H200,
+against 1.8 us for the one kernel (BENCHMARKS.md). The forward computes the
+plan once and its backward reuses it (:func:`jax_moe_dispatch.gemm.grouped_matmul`).
 
 Every array has a power-of-two length (the Triton lowering takes no other):
 the per-group ones ``groups_width >= G + 1``, the per-item ones
@@ -34,21 +36,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-__all__ = ["ROW_ALIGN", "WorkPlan", "max_items", "work_plan"]
+try:
+  from jax.experimental.pallas import triton as plt
+except ImportError:  # Deprecated in JAX 0.11; xla_work_plan stands in.
+  plt = None
+
+__all__ = ["ROW_ALIGN", "WorkPlan", "max_items", "work_plan", "xla_work_plan"]
+
+logger = logging.getLogger("jax_moe_dispatch")
 
 # Items start at multiples of this many rows: the TMA engine loads x's tiles (8 rows of
 # 128 bytes, swizzled) from a global row that Mosaic GPU must prove a multiple of 8.
 ROW_ALIGN = 8
 
 # Elements of the one-hot matrices (rows x groups) that one program of the plan kernel
-# reduces at once: items or groups per program = this / groups_width (at least 16).
-_CHUNK_ELEMENTS = 8192
+# reduces at once: items or groups per program = this / groups_width (at least 16). Smaller
+# is faster, the programs running side by side (H200, us for 1024 / 2048 / 8192, 4 warps):
+# 1.8 / 2.2 / 4.1 at 16 groups over 16384 rows; 2.9 / 3.4 / 6.3 at 32 groups over 262144
+# rows; 3.8 / 3.8 / 9.9 at 64 groups (16 items per program already); 5.0 at 256 groups.
+_CHUNK_ELEMENTS = 1024
 _NUM_WARPS = 4
 
 
@@ -61,6 +73,11 @@ def max_items(num_rows: int, block_m: int, num_groups: int) -> int:
 
 def _pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
+
+
+def _widths(num_rows: int, block_m: int, num_groups: int) -> tuple[int, int]:
+  """``(groups_width, items_width)``: the plan's array lengths."""
+  return _pow2(num_groups + 1), _pow2(max_items(num_rows, block_m, num_groups))
 
 
 @functools.partial(
@@ -199,9 +216,11 @@ def work_plan(group_sizes: jax.Array, num_rows: int, *, block_m: int, block_k: i
     block_k: rows per wgrad step (the wgrad kernel's ``block_k``).
     interpret: run the kernel under Pallas's interpreter (CPU; tests).
   """
+  if plt is None:
+    _log_xla_plan_once()
+    return xla_work_plan(group_sizes, num_rows, block_m=block_m, block_k=block_k)
   num_groups = group_sizes.shape[0]
-  width = _pow2(num_groups + 1)
-  items_width = _pow2(max_items(num_rows, block_m, num_groups))
+  width, items_width = _widths(num_rows, block_m, num_groups)
   per = max(_CHUNK_ELEMENTS // width, 16)
   chunk_items, chunk_groups = min(per, items_width), min(per, width)
   programs = max(items_width // chunk_items, width // chunk_groups)
@@ -219,3 +238,41 @@ def work_plan(group_sizes: jax.Array, num_rows: int, *, block_m: int, block_k: i
   )(group_sizes.astype(jnp.int32))
   return WorkPlan(*outs, num_rows=num_rows, num_groups=num_groups, block_m=block_m,
                   block_k=block_k)
+
+
+@functools.cache
+def _log_xla_plan_once() -> None:
+  logger.warning("jax_moe_dispatch.grouped_matmul: this JAX has no Pallas-Triton backend, so the "
+                 "kernels' work plan runs as six small XLA kernels instead of one (a few us more "
+                 "per grouped_matmul call).")
+
+
+def xla_work_plan(group_sizes: jax.Array, num_rows: int, *, block_m: int,
+                  block_k: int) -> WorkPlan:
+  """:func:`work_plan` as XLA operations: the same arrays, element for element."""
+  num_groups = group_sizes.shape[0]
+  width, items_width = _widths(num_rows, block_m, num_groups)
+  sizes = jnp.pad(group_sizes.astype(jnp.int32), (0, width - num_groups))
+  csum = jnp.cumsum(sizes)
+  gi = jnp.arange(width, dtype=jnp.int32)
+  # The wgrad's row blocks, longest first (ties by index; the padding groups last).
+  first = (csum - sizes) // block_k
+  blocks = jnp.where(sizes > 0, _cdiv(csum, block_k) - first, 0)
+  order = jnp.argsort(jnp.where(gi < num_groups, -blocks, 1), stable=True).astype(jnp.int32)
+  # The items. Group G holds the rows past the groups up to the next multiple of block_m.
+  ends = jnp.minimum(csum, num_rows)
+  zero_from = _cdiv(ends[-1], block_m)
+  ends = jnp.where(gi < num_groups, ends, zero_from * block_m)
+  starts = jnp.where(gi <= num_groups, jnp.minimum(csum - sizes, num_rows), ends)
+  aligned = starts // ROW_ALIGN * ROW_ALIGN
+  count = jnp.where(ends > starts, _cdiv(ends - aligned, block_m), 0)
+  item_end = jnp.cumsum(count)
+  p = jnp.arange(items_width, dtype=jnp.int32)
+  g = jnp.minimum(jnp.searchsorted(item_end, p, side="right", method="compare_all"), num_groups)
+  in_use = p < item_end[-1]
+  row0 = aligned[g] + (p - (item_end[g] - count[g])) * block_m
+  lo = jnp.where(in_use, jnp.maximum(starts[g] - row0, 0), 0)
+  hi = jnp.where(in_use, jnp.minimum(ends[g] - row0, block_m), 0)
+  return WorkPlan(g.astype(jnp.int32), jnp.where(in_use, row0, 0), lo, hi, item_end,
+                  zero_from[None], csum - sizes, csum, first, blocks, order,
+                  num_rows=num_rows, num_groups=num_groups, block_m=block_m, block_k=block_k)
