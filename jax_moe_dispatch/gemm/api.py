@@ -86,7 +86,7 @@ class _Route:
       # The two-consumer wgrad does not run under the interpreter (mosaic._tgmm_ws).
       self.wgrad_cfg = dataclasses.replace(self.wgrad_cfg, consumers=1)
     self.row_multiple = 128  # Inputs are padded to it: a multiple of every config's block_m, block_k.
-    rows = num_rows + (-num_rows % self.row_multiple)
+    self.rows = rows = num_rows + (-num_rows % self.row_multiple)  # The kernels' row count.
     if implementation == "xla":
       self.why_not = "implementation='xla'"
     elif implementation == "interpret":
@@ -121,13 +121,12 @@ class _Route:
                     f"jax.lax.ragged_dot ({why}).")
 
 
-def _work_plan(route: _Route, x, group_sizes) -> Optional[WorkPlan]:
+def _work_plan(route: _Route, group_sizes) -> Optional[WorkPlan]:
   """The kernels' work plan, made once by the forward and reused by the backward; ``None``
   where no kernel runs."""
   if route.why_not and route.why_not_dgrad and route.why_not_wgrad:
     return None
-  rows = x.shape[0] + (-x.shape[0] % route.row_multiple)
-  return work_plan(group_sizes, rows, block_m=route.fwd_cfg.block_m,
+  return work_plan(group_sizes, route.rows, block_m=route.fwd_cfg.block_m,
                    block_k=route.wgrad_cfg.block_k, interpret=route.interpret is not None)
 
 
@@ -182,7 +181,7 @@ def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
 
 def _apply(x, w, group_sizes, out_dtype, implementation):
   route = _Route(x, w, implementation)
-  plan = _work_plan(route, x, group_sizes)
+  plan = _work_plan(route, group_sizes)
   return _like(_forward(route, plan, x, w, group_sizes, out_dtype), x, w, group_sizes), plan
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,37 @@ def _pick(one_hot, values):
   return jnp.sum(jnp.where(one_hot, values[None, :], 0), axis=1)
 
 
+class _Groups(NamedTuple):
+  """The plan's per-group vectors, ``groups_width`` long (both formulations share them)."""
+
+  csum: jax.Array  # cumsum(group_sizes): the groups' ends, unclamped.
+  first: jax.Array  # The wgrad's first block_k block and number of blocks.
+  blocks: jax.Array
+  starts: jax.Array  # The items' groups: 0..G-1 clamped to num_rows, G up to zero_from.
+  ends: jax.Array
+  aligned: jax.Array  # starts rounded down to ROW_ALIGN.
+  count: jax.Array  # Items per group, and their running sum.
+  item_end: jax.Array
+  zero_from: jax.Array  # Scalar: the first block_m block past every group's rows.
+
+
+def _per_group(sizes, *, num_groups: int, num_rows: int, block_m: int, block_k: int) -> _Groups:
+  """:class:`_Groups` from ``sizes`` (zero past group ``G - 1``); jnp operations that lower
+  both to XLA and inside the Triton kernel."""
+  gi = jnp.arange(sizes.shape[0], dtype=jnp.int32)
+  csum = jnp.cumsum(sizes)
+  first = (csum - sizes) // block_k
+  blocks = jnp.where(sizes > 0, _cdiv(csum, block_k) - first, 0)
+  ends = jnp.minimum(csum, num_rows)
+  zero_from = _cdiv(jnp.max(ends), block_m)
+  ends = jnp.where(gi < num_groups, ends, zero_from * block_m)
+  starts = jnp.where(gi <= num_groups, jnp.minimum(csum - sizes, num_rows), ends)
+  aligned = starts // ROW_ALIGN * ROW_ALIGN
+  count = jnp.where(ends > starts, _cdiv(ends - aligned, block_m), 0)
+  return _Groups(csum, first, blocks, starts, ends, aligned, count, jnp.cumsum(count),
+                 zero_from)
+
+
 def _plan_kernel(sizes_ref, group_ref, row0_ref, lo_ref, hi_ref, item_end_ref, zero_from_ref,
                  starts_ref, ends_ref, first_ref, blocks_ref, order_ref, *, num_rows: int,
                  num_groups: int, block_m: int, block_k: int, chunk_items: int,
@@ -154,39 +186,29 @@ def _plan_kernel(sizes_ref, group_ref, row0_ref, lo_ref, hi_ref, item_end_ref, z
   gi = jnp.arange(width, dtype=jnp.int32)
   real = gi < num_groups
   sizes = plt.load(sizes_ref.at[pl.ds(0, width)], mask=real, other=0)
-  csum = jnp.cumsum(sizes)
-  # The wgrad's row blocks.
-  first = (csum - sizes) // block_k
-  blocks = jnp.where(sizes > 0, _cdiv(csum, block_k) - first, 0)
-  # The items: groups 0..G-1 clamped to num_rows, group G up to the next block_m multiple.
-  ends = jnp.minimum(csum, num_rows)
-  zero_from = _cdiv(jnp.max(ends), block_m)
-  ends = jnp.where(real, ends, zero_from * block_m)
-  starts = jnp.where(gi <= num_groups, jnp.minimum(csum - sizes, num_rows), ends)
-  aligned = starts // ROW_ALIGN * ROW_ALIGN
-  count = jnp.where(ends > starts, _cdiv(ends - aligned, block_m), 0)
-  item_end = jnp.cumsum(count)
-  used = jnp.max(item_end)
+  v = _per_group(sizes, num_groups=num_groups, num_rows=num_rows, block_m=block_m,
+                 block_k=block_k)
+  used = jnp.max(v.item_end)
 
   @pl.when(pid == 0)
   def _groups():
-    item_end_ref[...] = item_end
-    zero_from_ref[...] = jnp.full(zero_from_ref.shape, zero_from, jnp.int32)
-    starts_ref[...] = csum - sizes
-    ends_ref[...] = csum
-    first_ref[...] = first
-    blocks_ref[...] = blocks
+    item_end_ref[...] = v.item_end
+    zero_from_ref[...] = jnp.full(zero_from_ref.shape, v.zero_from, jnp.int32)
+    starts_ref[...] = v.csum - sizes
+    ends_ref[...] = v.csum
+    first_ref[...] = v.first
+    blocks_ref[...] = v.blocks
 
   @pl.when(pid * chunk_items < group_ref.shape[0])
   def _items():
     p = pid * chunk_items + jnp.arange(chunk_items, dtype=jnp.int32)
-    g = jnp.sum((item_end[None, :] <= p[:, None]).astype(jnp.int32), axis=1)
+    g = jnp.sum((v.item_end[None, :] <= p[:, None]).astype(jnp.int32), axis=1)
     g = jnp.minimum(g, num_groups)
     one_hot = gi[None, :] == g[:, None]
     in_use = p < used
-    row0 = _pick(one_hot, aligned) + (p - _pick(one_hot, item_end - count)) * block_m
-    lo = jnp.where(in_use, jnp.maximum(_pick(one_hot, starts) - row0, 0), 0)
-    hi = jnp.where(in_use, jnp.minimum(_pick(one_hot, ends) - row0, block_m), 0)
+    row0 = _pick(one_hot, v.aligned) + (p - _pick(one_hot, v.item_end - v.count)) * block_m
+    lo = jnp.where(in_use, jnp.maximum(_pick(one_hot, v.starts) - row0, 0), 0)
+    hi = jnp.where(in_use, jnp.minimum(_pick(one_hot, v.ends) - row0, block_m), 0)
     span = pl.ds(pid * chunk_items, chunk_items)
     group_ref[span] = g
     row0_ref[span] = jnp.where(in_use, row0, 0)
@@ -196,9 +218,9 @@ def _plan_kernel(sizes_ref, group_ref, row0_ref, lo_ref, hi_ref, item_end_ref, z
   @pl.when(pid * chunk_groups < width)
   def _order():
     h = pid * chunk_groups + jnp.arange(chunk_groups, dtype=jnp.int32)
-    mine = _pick(gi[None, :] == h[:, None], blocks)
-    before = (blocks[None, :] > mine[:, None]) | (
-        (blocks[None, :] == mine[:, None]) & (gi[None, :] < h[:, None]))
+    mine = _pick(gi[None, :] == h[:, None], v.blocks)
+    before = (v.blocks[None, :] > mine[:, None]) | (
+        (v.blocks[None, :] == mine[:, None]) & (gi[None, :] < h[:, None]))
     rank = jnp.sum((before & real[None, :]).astype(jnp.int32), axis=1)
     # The padding groups keep their places, so that order is a permutation of all of them.
     plt.store(order_ref.at[jnp.where(h < num_groups, rank, h)], h)
@@ -253,26 +275,18 @@ def xla_work_plan(group_sizes: jax.Array, num_rows: int, *, block_m: int,
   num_groups = group_sizes.shape[0]
   width, items_width = _widths(num_rows, block_m, num_groups)
   sizes = jnp.pad(group_sizes.astype(jnp.int32), (0, width - num_groups))
-  csum = jnp.cumsum(sizes)
+  v = _per_group(sizes, num_groups=num_groups, num_rows=num_rows, block_m=block_m,
+                 block_k=block_k)
+  # The wgrad's groups longest first (ties by index; the padding groups last).
   gi = jnp.arange(width, dtype=jnp.int32)
-  # The wgrad's row blocks, longest first (ties by index; the padding groups last).
-  first = (csum - sizes) // block_k
-  blocks = jnp.where(sizes > 0, _cdiv(csum, block_k) - first, 0)
-  order = jnp.argsort(jnp.where(gi < num_groups, -blocks, 1), stable=True).astype(jnp.int32)
-  # The items. Group G holds the rows past the groups up to the next multiple of block_m.
-  ends = jnp.minimum(csum, num_rows)
-  zero_from = _cdiv(ends[-1], block_m)
-  ends = jnp.where(gi < num_groups, ends, zero_from * block_m)
-  starts = jnp.where(gi <= num_groups, jnp.minimum(csum - sizes, num_rows), ends)
-  aligned = starts // ROW_ALIGN * ROW_ALIGN
-  count = jnp.where(ends > starts, _cdiv(ends - aligned, block_m), 0)
-  item_end = jnp.cumsum(count)
+  order = jnp.argsort(jnp.where(gi < num_groups, -v.blocks, 1), stable=True).astype(jnp.int32)
   p = jnp.arange(items_width, dtype=jnp.int32)
-  g = jnp.minimum(jnp.searchsorted(item_end, p, side="right", method="compare_all"), num_groups)
-  in_use = p < item_end[-1]
-  row0 = aligned[g] + (p - (item_end[g] - count[g])) * block_m
-  lo = jnp.where(in_use, jnp.maximum(starts[g] - row0, 0), 0)
-  hi = jnp.where(in_use, jnp.minimum(ends[g] - row0, block_m), 0)
-  return WorkPlan(g.astype(jnp.int32), jnp.where(in_use, row0, 0), lo, hi, item_end,
-                  zero_from[None], csum - sizes, csum, first, blocks, order,
+  g = jnp.searchsorted(v.item_end, p, side="right", method="compare_all")
+  g = jnp.minimum(g, num_groups)
+  in_use = p < v.item_end[-1]
+  row0 = v.aligned[g] + (p - (v.item_end[g] - v.count[g])) * block_m
+  lo = jnp.where(in_use, jnp.maximum(v.starts[g] - row0, 0), 0)
+  hi = jnp.where(in_use, jnp.minimum(v.ends[g] - row0, block_m), 0)
+  return WorkPlan(g.astype(jnp.int32), jnp.where(in_use, row0, 0), lo, hi, v.item_end,
+                  v.zero_from[None], v.csum - sizes, v.csum, v.first, v.blocks, order,
                   num_rows=num_rows, num_groups=num_groups, block_m=block_m, block_k=block_k)
