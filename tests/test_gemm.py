@@ -58,13 +58,14 @@ def _data(num_rows, sizes, k, m, dtype, seed, garbage=np.nan):
   return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(dy, dtype)
 
 
-def _run(x, w, dy, sizes, implementation, out_dtype=jnp.float32):
+def _run(x, w, dy, sizes, implementation, out_dtype=jnp.float32, fill_padding=True):
   gs = jnp.asarray(sizes, jnp.int32)
 
   def f(x, w, dy):
     y, pullback = jax.vjp(
         lambda x, w: grouped_matmul(x, w, gs, preferred_element_type=out_dtype,
-                                    implementation=implementation), x, w)
+                                    implementation=implementation, fill_padding=fill_padding),
+        x, w)
     return (y, *pullback(dy.astype(out_dtype)))
 
   return jax.jit(f)(x, w, dy)
@@ -94,6 +95,26 @@ def test_interpreted_kernels_match_oracle(layout):
   num_rows, sizes = LAYOUTS[layout]
   x, w, dy = _data(num_rows, sizes, 128, 128, jnp.bfloat16, seed=hash(layout) % 1000)
   _check_interpreted(layout, x, w, dy, sizes)
+
+
+@pytest.mark.parametrize("width", [128, 256])  # One consumer; two (warp-specialised).
+def test_interpreted_kernels_skip_padding_rows_without_fill_padding(width):
+  """fill_padding=False: the real rows as with it, no block past them written (the
+  interpreter fills unwritten memory with NaN), and the weight gradient unchanged."""
+  num_rows, sizes = LAYOUTS["padding_rows"]
+  x, w, dy = _data(num_rows, sizes, width, width, jnp.bfloat16, seed=width)
+  gs = jnp.asarray(sizes, jnp.int32)
+
+  y, dx, dw = _run(x, w, dy, sizes, "interpret", fill_padding=False)
+  total = sum(sizes)
+  first_free_block = -(-total // 128) * 128
+  for got, want, what, rtol in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes),
+                                   "y dx dw".split(), (1e-5, 8e-3, 8e-3)):
+    got = np.asarray(jnp.asarray(got).astype(jnp.float32))
+    if what != "dw":
+      assert np.isnan(got[first_free_block:]).all(), f"{what}: padding blocks were written"
+      got, want = got[:total], want[:total]
+    _assert_matches(got, want, f"fill_padding=False: {what}", rtol=rtol)
 
 
 @pytest.mark.parametrize("layout", ["zeros_and_skew", "padding_rows", "rows_not_multiple_of_128"])
@@ -400,6 +421,20 @@ def test_gpu_kernels_match_oracle(layout, dtype):
   tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
   for got, want, what in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes), "y dx dw".split()):
     _assert_matches(got, want, f"{layout}/{jnp.dtype(dtype).name}: {what}", rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,m", [(384, 384), (512, 1024)])  # One consumer; two.
+def test_gpu_kernels_without_fill_padding_match_oracle_on_real_rows(k, m):
+  _hopper_or_skip()
+  sizes = [300, 0, 555, 169, 0, 1, 2]  # 1027 real rows in a buffer of 4096.
+  x, w, dy = _data(4096, sizes, k, m, jnp.bfloat16, seed=k)
+  y, dx, dw = _run(x, w, dy, sizes, "mosaic", fill_padding=False)
+  total = sum(sizes)
+  for got, want, what in zip((y, dx, dw), _oracle(x, w, jnp.nan_to_num(dy), sizes), "y dx dw".split()):
+    if what != "dw":
+      got, want = got[:total], want[:total]
+    _assert_matches(got, want, f"fill_padding=False ({k}, {m}): {what}", rtol=2e-2)
 
 
 @pytest.mark.gpu

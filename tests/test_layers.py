@@ -140,3 +140,48 @@ def test_moe_layer_3d_input_and_aux():
                                  out_specs=P("ep")))(state, x)
   assert y.shape == x.shape and float(jnp.abs(y).sum()) > 0
   assert aux.shape == (EP,) and (np.asarray(aux) > 0).all()
+
+
+
+@pytest.mark.parametrize("backend", ["deepep", "hybridep"])
+def test_moe_layer_padding_rows_never_reach_outputs_or_gradients(backend):
+  """MoELayer's experts skip the rows of the dispatcher's worst-case buffer past its real
+  rows (fill_padding=False). Under the Pallas interpreter, which fills memory a kernel never
+  writes with NaN, those rows hold NaN; the layer's output and gradients must still be
+  finite and equal those of the same layer with zero-filled padding. One rank (the
+  interpreter does not run on several devices at once); groups padded to 16 rows leave
+  rows past the last group."""
+  num_tokens, hidden, ffn = 16, 128, 64  # The kernels' tiles: multiples of 64 and 128.
+  cfg = TokenDispatcherConfig(num_moe_experts=8, moe_router_topk=2, implementation="reference",
+                              moe_flex_dispatcher_backend=backend,
+                              moe_router_expert_pad_multiple=16)
+  layer = MoELayer(cfg, hidden, ffn, rngs=nnx.Rngs(5), dtype=jnp.bfloat16,
+                   gemm_implementation="interpret")
+  assert layer.experts.fill_padding is False
+  graphdef, state = nnx.split(layer)
+  specs = partition_specs(state)
+  x = jax.random.normal(jax.random.key(6), (num_tokens, hidden))
+  target = jax.random.normal(jax.random.key(7), x.shape)
+
+  def run(fill_padding):
+    def local(state, x, target):
+      def loss(st):
+        model = nnx.merge(graphdef, st)
+        model.experts.fill_padding = fill_padding
+        y, _ = model(x)
+        return jnp.mean((y.astype(jnp.float32) - target) ** 2), y
+
+      (_, y), grads = jax.value_and_grad(loss, has_aux=True)(state)
+      return grads, y
+
+    return jax.jit(jax.shard_map(local, mesh=mesh(1), in_specs=(specs, P("ep"), P("ep")),
+                                 out_specs=(specs, P("ep")), check_vma=False))(state, x, target)
+
+  (grads, y), (want_grads, want_y) = run(False), run(True)
+  y32 = np.asarray(y.astype(jnp.float32))
+  assert np.isfinite(y32).all() and np.abs(y32).max() > 0
+  np.testing.assert_array_equal(y32, np.asarray(want_y.astype(jnp.float32)))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+    assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
+    assert float(jnp.abs(w).max()) > 0, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))

@@ -138,23 +138,24 @@ def _ragged(x, w, group_sizes, out_dtype):
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
 
 
-def _forward(route: _Route, plan, x, w, group_sizes, out_dtype):
+def _forward(route: _Route, plan, x, w, group_sizes, out_dtype, fill_padding):
   if route.why_not:
     return _ragged(x, w, group_sizes, out_dtype)
   num_rows = x.shape[0]
   out = mosaic.gmm(_pad_rows(x, route.row_multiple), w, group_sizes, out_dtype=out_dtype,
                    cfg=route.fwd_cfg, num_sms=route.num_sms, interpret=route.interpret,
-                   plan=_same_block_m(plan, route.fwd_cfg))
+                   plan=_same_block_m(plan, route.fwd_cfg), fill_padding=fill_padding)
   return out[:num_rows]
 
 
-def _dgrad(route: _Route, plan, dy, w, group_sizes, x_dtype):
+def _dgrad(route: _Route, plan, dy, w, group_sizes, x_dtype, fill_padding):
   if route.why_not_dgrad:
     return _ragged(dy, jnp.swapaxes(w, 1, 2), group_sizes, x_dtype)
   num_rows = dy.shape[0]
   out = mosaic.gmm(_pad_rows(dy, route.row_multiple), w, group_sizes, transpose_rhs=True,
                    out_dtype=x_dtype, cfg=route.dgrad_cfg, num_sms=route.num_sms,
-                   interpret=route.interpret, plan=_same_block_m(plan, route.dgrad_cfg))
+                   interpret=route.interpret, plan=_same_block_m(plan, route.dgrad_cfg),
+                   fill_padding=fill_padding)
   return out[:num_rows]
 
 
@@ -179,27 +180,28 @@ def _like(value: jax.Array, *primals: jax.Array) -> jax.Array:
   return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
-def _apply(x, w, group_sizes, out_dtype, implementation):
+def _apply(x, w, group_sizes, out_dtype, implementation, fill_padding):
   route = _Route(x, w, implementation)
   plan = _work_plan(route, group_sizes)
-  return _like(_forward(route, plan, x, w, group_sizes, out_dtype), x, w, group_sizes), plan
+  out = _forward(route, plan, x, w, group_sizes, out_dtype, fill_padding)
+  return _like(out, x, w, group_sizes), plan
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _grouped_matmul(x, w, group_sizes, out_dtype, implementation):
-  return _apply(x, w, group_sizes, out_dtype, implementation)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped_matmul(x, w, group_sizes, out_dtype, implementation, fill_padding):
+  return _apply(x, w, group_sizes, out_dtype, implementation, fill_padding)[0]
 
 
-def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation):
-  out, plan = _apply(x, w, group_sizes, out_dtype, implementation)
+def _grouped_matmul_fwd(x, w, group_sizes, out_dtype, implementation, fill_padding):
+  out, plan = _apply(x, w, group_sizes, out_dtype, implementation, fill_padding)
   return out, (x, w, group_sizes, plan)
 
 
-def _grouped_matmul_bwd(out_dtype, implementation, res, dy):
+def _grouped_matmul_bwd(out_dtype, implementation, fill_padding, res, dy):
   x, w, group_sizes, plan = res
   route = _Route(x, w, implementation)
   dy = dy.astype(x.dtype)
-  dx = _like(_dgrad(route, plan, dy, w, group_sizes, x.dtype), x)
+  dx = _like(_dgrad(route, plan, dy, w, group_sizes, x.dtype, fill_padding), x)
   dw = _like(_wgrad(route, plan, x, dy, group_sizes, w), w)
   return dx, dw, None
 
@@ -214,6 +216,7 @@ def grouped_matmul(
     *,
     preferred_element_type=None,
     implementation: GemmImplementation = "auto",
+    fill_padding: bool = True,
 ) -> jax.Array:
   """Grouped matrix product with :func:`jax.lax.ragged_dot` semantics.
 
@@ -226,10 +229,20 @@ def grouped_matmul(
       products accumulate in float32 either way.
     implementation: ``"auto"``, ``"mosaic"``, ``"xla"`` or ``"interpret"``
       (module docstring).
+    fill_padding: ``True`` (default): rows past ``sum(group_sizes)`` of the
+      result, and of the gradient with respect to ``x``, are zero, as
+      :func:`jax.lax.ragged_dot` gives them. ``False``: the Hopper kernels
+      leave them unwritten, so they hold arbitrary values (NaN too; the
+      fallback still gives zeros), and the cost follows the real rows only.
+      For callers that never read those rows: the MoE layer's dispatcher
+      reads each token's expert rows by index, never the padding of its
+      static worst-case buffer. Those zeros are most of what a padded buffer
+      costs over a tight one (BENCHMARKS.md).
 
   Returns:
     ``[N, M]``: row ``r`` of group ``g`` is ``x[r] @ w[g]``; rows past
-    ``sum(group_sizes)`` are zero. Differentiable in ``x`` and ``w``.
+    ``sum(group_sizes)`` are zero (or unspecified: ``fill_padding``).
+    Differentiable in ``x`` and ``w``.
 
   Rows past ``sum(group_sizes)`` may hold anything (NaN too): they reach no
   output or gradient. On the Hopper kernels an inf or NaN inside a group's
@@ -248,4 +261,5 @@ def grouped_matmul(
   if x.dtype != w.dtype:
     raise TypeError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}. Fix: cast one.")
   out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-  return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), out_dtype, implementation)
+  return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), out_dtype, implementation,
+                         bool(fill_padding))

@@ -368,7 +368,8 @@ def _mma(acc_ref, a_ref, b_ref, *, transpose_a: bool, transpose_b: bool, interpr
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
-        interpret: Any = None, plan: Optional[WorkPlan] = None) -> jax.Array:
+        interpret: Any = None, plan: Optional[WorkPlan] = None,
+        fill_padding: bool = True) -> jax.Array:
   """``out[r] = x[r] @ w[g]`` (``w[g].T`` if ``transpose_rhs``) for the rows ``r`` of group ``g``.
 
   Args:
@@ -382,13 +383,17 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
     plan: the :func:`~jax_moe_dispatch.gemm.plan.work_plan` of ``N`` rows
       with ``cfg.block_m``, if the caller has it (else computed here); the
       two-consumer kernel's items. The one-consumer kernel plans by row block.
+    fill_padding: store zeros in the rows past ``sum(group_sizes)``; if
+      ``False``, no block of only such rows is written (nor, with two
+      consumers, any such row at all).
 
   Returns:
-    ``[N, M]``; rows past ``sum(group_sizes)`` are zero.
+    ``[N, M]``; rows past ``sum(group_sizes)`` are zero (with
+    ``fill_padding``) or unspecified.
   """
   if cfg.consumers == 2:
     return _gmm_ws(x, w, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype, cfg=cfg,
-                   num_sms=num_sms, interpret=interpret, plan=plan)
+                   num_sms=num_sms, interpret=interpret, plan=plan, fill_padding=fill_padding)
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -427,31 +432,37 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
 
         return pl.run_scoped(scope, plgpu.ACC((bm, bn)))
 
-      @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
-      def _store(o_smem):
-        @pl.when(whole_ref[b] != 0)
-        def _inside_one_group():
-          o_smem[...] = product(g_lo_ref[b]).astype(out_dtype)
+      def tile_store():
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+        def _store(o_smem):
+          @pl.when(whole_ref[b] != 0)
+          def _inside_one_group():
+            o_smem[...] = product(g_lo_ref[b]).astype(out_dtype)
 
-        @pl.when(whole_ref[b] == 0)
-        def _straddles_or_past_the_end():
-          o_smem[...] = jnp.zeros((bm, bn), out_dtype)
-          rows = _rows_iota((bm, bn), row0, interpret)
+          @pl.when(whole_ref[b] == 0)
+          def _straddles_or_past_the_end():
+            o_smem[...] = jnp.zeros((bm, bn), out_dtype)
+            rows = _rows_iota((bm, bn), row0, interpret)
 
-          @pl.loop(g_lo_ref[b], g_hi_ref[b] + 1)
-          def _group(g):
-            start, end = starts_ref[g], ends_ref[g]
+            @pl.loop(g_lo_ref[b], g_hi_ref[b] + 1)
+            def _group(g):
+              start, end = starts_ref[g], ends_ref[g]
 
-            @pl.when(end > start)
-            def _():
-              part = product(g).astype(out_dtype)
-              keep = (rows >= start) & (rows < end)
-              o_smem[...] = jnp.where(keep, part, o_smem[...])
+              @pl.when(end > start)
+              def _():
+                part = product(g).astype(out_dtype)
+                keep = (rows >= start) & (rows < end)
+                o_smem[...] = jnp.where(keep, part, o_smem[...])
 
-        plgpu.commit_smem()
+          plgpu.commit_smem()
 
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      if fill_padding:
+        tile_store()
+      else:  # A block past every group's rows (an empty group range) stores nothing.
+        pl.when(g_lo_ref[b] <= g_hi_ref[b])(tile_store)
 
   kernel = _persistent_kernel(body, _gmm_name(transpose_rhs), (num_rows, m), out_dtype, num_sms,
                               interpret)
@@ -687,7 +698,7 @@ def _store_consumer_tile(tile, staging, copy, *, block_n: int, has_columns=None)
 def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
            out_dtype=None, cfg: TileConfig = TileConfig(), num_sms: Optional[int] = None,
            interpret: Any = None, plan: Optional[WorkPlan] = None,
-           _interpretable: bool = False) -> jax.Array:
+           fill_padding: bool = True, _interpretable: bool = False) -> jax.Array:
   """:func:`gmm` with ``cfg.consumers == 2``: one producer warpgroup feeds two consumers.
 
   Each work item is up to ``block_m`` rows of one group, in blocks from
@@ -700,7 +711,8 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   ``sum(group_sizes)`` get zeros without a product: those up to the next
   multiple of ``block_m`` as one more item, and the blocks after them as zero
   stores that the items issue during their pipeline steps (the TMA engine
-  writes them while the tensor cores multiply; :func:`_zero_shares`).
+  writes them while the tensor cores multiply; :func:`_zero_shares`), unless
+  ``fill_padding`` is false: then neither runs.
   """
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = 2 * bn
@@ -717,7 +729,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     x = jnp.pad(x, ((0, bm), (0, 0)))
     # The padded x has other rows than any caller's plan: plan anew.
     return _gmm_ws(x, w, group_sizes, out_dtype=out_dtype, cfg=cfg, num_sms=num_sms,
-                   interpret=interpret, _interpretable=True)[:-bm, :m]
+                   interpret=interpret, fill_padding=fill_padding, _interpretable=True)[:-bm, :m]
   num_rows, k = x.shape
   m = w.shape[1] if transpose_rhs else w.shape[2]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -757,7 +769,9 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
       used_items = item_end_ref[num_groups]
       busy = used_items * grid_n  # Iterations with a product.
       num_iterations = _max_iterations(plan.num_items, grid_n, sms)
-      zero_share = _zero_shares(busy, zero_from_ref[0], num_blocks=num_rows // bm,
+      # Without fill_padding no block is past the zero blocks: no zero chunk.
+      zero_from = zero_from_ref[0] if fill_padding else num_rows // bm
+      zero_share = _zero_shares(busy, zero_from, num_blocks=num_rows // bm,
                                 row_chunks=row_chunks, num_sms=sms,
                                 num_iterations=num_iterations, block_m=bm)
 
@@ -839,7 +853,7 @@ def _gmm_ws(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs
                                   w_g.at[cols] if transpose_rhs else w_g.at[:, cols],
                                   allocations=allocs)
 
-        zero_item = (g == num_groups) & (hi > lo) & (wg < 2)
+        zero_item = (g == num_groups) & (hi > lo) & (wg < 2) & fill_padding
         pl.when(with_product & ~in_half)(lambda: product(bm))
         pl.when(zero_item & ~in_half)(lambda: store(None, bm))
         if bm % 128 == 0:  # Else no tile runs as halves (_tail_halves).

@@ -132,11 +132,16 @@ class GroupedExperts(nnx.Module):
     gemm_implementation: ``implementation`` of :func:`~jax_moe_dispatch.grouped_matmul`
       (``"auto"``: the Hopper kernels where they apply, else
       :func:`jax.lax.ragged_dot`, logged once).
+    fill_padding: ``fill_padding`` of :func:`~jax_moe_dispatch.grouped_matmul`:
+      ``False`` leaves the rows past ``sum(tokens_per_expert)`` of the output
+      (and of the input's gradient) unspecified instead of zero, so that the
+      cost follows the real rows; for callers that never read them, like
+      :class:`MoELayer`, whose dispatcher reads expert rows by index.
   """
 
   def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, rngs: nnx.Rngs,
                activation: str = "swiglu", dtype=None, param_dtype=jnp.float32,
-               gemm_implementation: GemmImplementation = "auto"):
+               gemm_implementation: GemmImplementation = "auto", fill_padding: bool = True):
     if activation not in ("swiglu", "gelu"):
       raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}.")
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1,
@@ -151,6 +156,7 @@ class GroupedExperts(nnx.Module):
     self.ffn_size = ffn_size
     self.dtype = dtype
     self.gemm_implementation = gemm_implementation
+    self.fill_padding = fill_padding
 
   def __call__(self, x: jax.Array, tokens_per_expert: jax.Array,
                probs: Optional[jax.Array] = None) -> jax.Array:
@@ -158,7 +164,8 @@ class GroupedExperts(nnx.Module):
 
     With ``probs [N]`` each row's output is multiplied by its probability
     (applied to the activation, in float32, before the down projection).
-    Rows past ``sum(tokens_per_expert)`` come out zero.
+    Rows past ``sum(tokens_per_expert)`` come out zero (unspecified without
+    ``fill_padding``).
     """
     num_local = self.w_down.get_value().shape[0]
     if tokens_per_expert.shape != (num_local,):
@@ -173,7 +180,8 @@ class GroupedExperts(nnx.Module):
 
     def matmul(a, w):
       return grouped_matmul(a.astype(dtype), w.get_value().astype(dtype), gs,
-                            implementation=self.gemm_implementation)
+                            implementation=self.gemm_implementation,
+                            fill_padding=self.fill_padding)
 
     if self.activation == "swiglu":
       gate_up = matmul(x, self.w_gate_up).astype(jnp.float32)
@@ -197,6 +205,10 @@ class MoELayer(nnx.Module):
     activation: ``"swiglu"`` or ``"gelu"``.
     aux_loss_coeff: load-balancing loss weight (0: off).
     gemm_implementation: the experts' grouped GEMMs (:class:`GroupedExperts`).
+
+  The experts run without ``fill_padding``: the rows of the dispatcher's static
+  worst-case buffer past its real rows cost nothing, as the dispatcher reads
+  each token's expert rows by index and never those.
   """
 
   def __init__(self, config: TokenDispatcherConfig, hidden_size: int, ffn_size: int, *,
@@ -210,7 +222,7 @@ class MoELayer(nnx.Module):
     self.dispatcher = MoEFlexTokenDispatcher(config)
     self.experts = GroupedExperts(config.num_moe_experts, hidden_size, ffn_size, rngs=rngs,
                                   activation=activation, dtype=dtype, param_dtype=param_dtype,
-                                  gemm_implementation=gemm_implementation)
+                                  gemm_implementation=gemm_implementation, fill_padding=False)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x [T, H]`` or ``[B, S, H]`` -> ``(y of x's shape, aux_loss)``."""
