@@ -103,8 +103,6 @@ def test_interpreted_kernels_skip_padding_rows_without_fill_padding(width):
   interpreter fills unwritten memory with NaN), and the weight gradient unchanged."""
   num_rows, sizes = LAYOUTS["padding_rows"]
   x, w, dy = _data(num_rows, sizes, width, width, jnp.bfloat16, seed=width)
-  gs = jnp.asarray(sizes, jnp.int32)
-
   y, dx, dw = _run(x, w, dy, sizes, "interpret", fill_padding=False)
   total = sum(sizes)
   first_free_block = -(-total // 128) * 128

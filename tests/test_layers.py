@@ -142,7 +142,6 @@ def test_moe_layer_3d_input_and_aux():
   assert aux.shape == (EP,) and (np.asarray(aux) > 0).all()
 
 
-
 @pytest.mark.parametrize("backend", ["deepep", "hybridep"])
 def test_moe_layer_padding_rows_never_reach_outputs_or_gradients(backend):
   """MoELayer's experts skip the rows of the dispatcher's worst-case buffer past its real
